@@ -1,0 +1,96 @@
+# shellcheck shell=bash
+# Shared helpers for deploy/local/engines.sh and deploy/local/tools.sh.
+# Sourced, never run: it sets no shell options of its own so that callers keep theirs.
+#
+# Layout under IMAGEMESH_CACHE (outside the repo, so a fresh clone in another folder, as CI
+# uses, finds everything already built):
+#   bin/<NAME>-<version>/   Go binaries from `go install module@version`
+#   opt/                    unpacked distributions (Elasticsearch)
+#   engines/<engine>/       each engine's data, config, logs and pid files
+#   locks/  logs/           install locks and install logs
+
+LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$LOCAL_DIR/../.." && pwd)"
+# shellcheck source=deploy/local/versions.env
+source "$LOCAL_DIR/versions.env"
+
+IMAGEMESH_CACHE="${IMAGEMESH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagemesh}"
+export IMAGEMESH_CACHE
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# The executable each versions.env NAME installs; `go install` names it after the module's last
+# path element, which for grpc-health-probe is the module itself.
+go_binary_name() {
+  case "$1" in
+    MINIO) echo minio ;;
+    SEAWEED) echo weed ;;
+    BUF) echo buf ;;
+    GRPCURL) echo grpcurl ;;
+    GHZ) echo ghz ;;
+    HEALTH_PROBE) echo grpc-health-probe ;;
+    *) die "unknown Go tool NAME '$1' (expected one of MINIO SEAWEED BUF GRPCURL GHZ HEALTH_PROBE)" ;;
+  esac
+}
+
+go_tool_path() {
+  local name="$1" module_var="${1}_MODULE" version_var="${1}_VERSION"
+  [[ -n "${!module_var:-}" && -n "${!version_var:-}" ]] || die "versions.env lacks ${module_var}/${version_var}"
+  echo "$IMAGEMESH_CACHE/bin/${name}-${!version_var}/$(go_binary_name "$name")"
+}
+
+# Installs one pinned Go tool unless its binary is already cached, and prints its path on stdout.
+# Concurrent callers serialise on a per-tool lock; a `go install` of the same module@version
+# started by anything else (e.g. a warm-up job) is waited for rather than duplicated, because
+# two builds of MinIO at once on a small machine take twice as long and gain nothing.
+go_tool_install() {
+  local name="$1" module_var="${1}_MODULE" version_var="${1}_VERSION" bin dir spec lock_fd
+  bin="$(go_tool_path "$name")"
+  dir="$(dirname "$bin")"
+  spec="${!module_var}@${!version_var}"
+  if [[ ! -x "$bin" ]]; then
+    command -v go >/dev/null || die "go is not installed: needed to build $spec"
+    mkdir -p "$IMAGEMESH_CACHE/locks" "$IMAGEMESH_CACHE/logs"
+    exec {lock_fd}>"$IMAGEMESH_CACHE/locks/go-$name.lock"
+    flock "$lock_fd"
+    while pgrep -f "go install $spec" >/dev/null; do
+      log "waiting for a running 'go install $spec' to finish"
+      sleep 5
+    done
+    if [[ ! -x "$bin" ]]; then
+      local started=$SECONDS tmp="$dir.tmp.$$"
+      log "building $spec (log: $IMAGEMESH_CACHE/logs/go-$name.log)"
+      rm -rf "$tmp"
+      # Build into a private folder and rename it into place, so an interrupted build never
+      # leaves a half-written binary that a later run would take as cached.
+      if ! GOBIN="$tmp" go install "$spec" >"$IMAGEMESH_CACHE/logs/go-$name.log" 2>&1; then
+        tail -n 30 "$IMAGEMESH_CACHE/logs/go-$name.log" >&2
+        rm -rf "$tmp"
+        die "go install $spec failed"
+      fi
+      rm -rf "$dir"
+      mv "$tmp" "$dir"
+      log "built $spec in $((SECONDS - started))s"
+    fi
+    exec {lock_fd}>&-
+  fi
+  echo "$bin"
+}
+
+# The Java 17 the engines run on: an explicit IMAGEMESH_JAVA17_HOME, Debian's package path, or
+# the `java` on PATH when it is a 17.
+java17_home() {
+  local candidate
+  for candidate in "${IMAGEMESH_JAVA17_HOME:-}" /usr/lib/jvm/java-17-openjdk-amd64 /usr/lib/jvm/java-17-openjdk-arm64 /usr/lib/jvm/java-17-openjdk; do
+    if [[ -n "$candidate" && -x "$candidate/bin/java" ]]; then echo "$candidate"; return; fi
+  done
+  if command -v java >/dev/null && java -version 2>&1 | grep -q 'version "17'; then
+    dirname "$(dirname "$(readlink -f "$(command -v java)")")"
+    return
+  fi
+  die "no Java 17 found: set IMAGEMESH_JAVA17_HOME"
+}
+
+# Exits 0 when an HTTP GET of $1 answers 2xx within a couple of seconds.
+http_ok() { curl -fsS -o /dev/null --max-time 3 "$@" 2>/dev/null; }
