@@ -113,12 +113,15 @@ minio_start() {
   mkdir -p "$dir"/data/d{1..4}
   # MINIO_CI_CD: MinIO refuses drives that share the root filesystem unless told this is a test
   # deployment. The {1...4} is MinIO's own expansion syntax, hence quoted.
-  launch "$dir/run/minio.pid" "$dir/logs/minio.log" env \
-    MINIO_ROOT_USER="$S3_ACCESS_KEY" MINIO_ROOT_PASSWORD="$S3_SECRET_KEY" MINIO_CI_CD=1 \
-    MINIO_UPDATE=off \
-    "$bin" server --quiet --anonymous \
-    --address "127.0.0.1:$MINIO_PORT" --console-address "127.0.0.1:$MINIO_CONSOLE_PORT" \
-    "$dir/data/d{1...4}"
+  # Credentials go through the environment, not `env` arguments, so the log's command line
+  # (written by launch) does not show the secret.
+  (
+    export MINIO_ROOT_USER="$S3_ACCESS_KEY" MINIO_ROOT_PASSWORD="$S3_SECRET_KEY"
+    launch "$dir/run/minio.pid" "$dir/logs/minio.log" env MINIO_CI_CD=1 MINIO_UPDATE=off \
+      "$bin" server --quiet --anonymous \
+      --address "127.0.0.1:$MINIO_PORT" --console-address "127.0.0.1:$MINIO_CONSOLE_PORT" \
+      "$dir/data/d{1...4}"
+  )
 }
 minio_endpoints() {
   echo "s3 http://127.0.0.1:$MINIO_PORT (console http://127.0.0.1:$MINIO_CONSOLE_PORT, drives $(minio_dir)/data/d1..d4)"
@@ -163,7 +166,8 @@ EOF
     -master.port="$SEAWEED_MASTER_PORT" -master.volumeSizeLimitMB=64 \
     -volume.port="$SEAWEED_VOLUME_PORT" -volume.max=0 \
     -filer -filer.port="$SEAWEED_FILER_PORT" \
-    -s3 -s3.port="$SEAWEED_S3_PORT" -s3.config="$dir/config/s3.json"
+    -s3 -s3.port="$SEAWEED_S3_PORT" -s3.config="$dir/config/s3.json" \
+    -s3.port.iceberg=0 -s3.port.lance=0
 }
 seaweed_endpoints() {
   echo "s3 http://127.0.0.1:$SEAWEED_S3_PORT (master http://127.0.0.1:$SEAWEED_MASTER_PORT, filer http://127.0.0.1:$SEAWEED_FILER_PORT)"

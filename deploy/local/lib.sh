@@ -54,8 +54,8 @@ go_tool_install() {
     mkdir -p "$IMAGEMESH_CACHE/locks" "$IMAGEMESH_CACHE/logs"
     exec {lock_fd}>"$IMAGEMESH_CACHE/locks/go-$name.lock"
     flock "$lock_fd"
-    while pgrep -f "go install $spec" >/dev/null; do
-      log "waiting for a running 'go install $spec' to finish"
+    while pgrep -f "go (install|mod download -json) $spec" >/dev/null; do
+      log "waiting for a running build of $spec to finish"
       sleep 5
     done
     if [[ ! -x "$bin" ]]; then
@@ -64,7 +64,7 @@ go_tool_install() {
       rm -rf "$tmp"
       # Build into a private folder and rename it into place, so an interrupted build never
       # leaves a half-written binary that a later run would take as cached.
-      if ! GOBIN="$tmp" go install "$spec" >"$IMAGEMESH_CACHE/logs/go-$name.log" 2>&1; then
+      if ! _go_build "$name" "$tmp" >"$IMAGEMESH_CACHE/logs/go-$name.log" 2>&1; then
         tail -n 30 "$IMAGEMESH_CACHE/logs/go-$name.log" >&2
         rm -rf "$tmp"
         die "go install $spec failed"
@@ -76,6 +76,23 @@ go_tool_install() {
     exec {lock_fd}>&-
   fi
   echo "$bin"
+}
+
+# Builds NAME into folder $2. Normally `go install module@version`; a module whose go.mod has
+# replace directives (which go install refuses) names a ${NAME}_PACKAGE to build from inside the
+# downloaded module instead, where its go.mod, replaces and go.sum all apply.
+_go_build() {
+  local name="$1" out="$2" module_var="${1}_MODULE" version_var="${1}_VERSION" package_var="${1}_PACKAGE"
+  local spec="${!module_var}@${!version_var}"
+  if [[ -z "${!package_var:-}" ]]; then
+    GOBIN="$out" go install "$spec"
+    return
+  fi
+  local moddir
+  moddir="$(go mod download -json "$spec" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')" || return 1
+  # set -e does not apply inside a function called from `if !`, hence the explicit returns.
+  mkdir -p "$out" || return 1
+  (cd "$moddir" && go build -o "$out/$(go_binary_name "$name")" "${!package_var}")
 }
 
 # The Java 17 the engines run on: an explicit IMAGEMESH_JAVA17_HOME, Debian's package path, or
