@@ -76,21 +76,30 @@ launch() {
   echo "$pid $(proc_starttime "$pid")" >"$pidfile"
 }
 
-stop_pidfile() {
-  local pidfile="$1" pid start i
-  if pid_alive "$pidfile"; then
-    read -r pid start <"$pidfile"
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for ((i = 0; i < 60; i++)); do
-      pid_alive "$pidfile" || break
-      sleep 0.5
-    done
+# Stops the processes named by the given pid files: TERM to each process group at once, then up
+# to 30 s for all of them (Elasticsearch flushes its shards), then KILL for any still there.
+stop_pidfiles() {
+  local pidfile pid start i alive
+  for pidfile in "$@"; do
     if pid_alive "$pidfile"; then
-      log "pid $pid did not stop in 30s; killing it"
+      read -r pid start <"$pidfile"
+      kill -TERM -- "-$pid" 2>/dev/null || true
+    fi
+  done
+  for ((i = 0; i < 60; i++)); do
+    alive=0
+    for pidfile in "$@"; do pid_alive "$pidfile" && alive=1; done
+    ((alive)) || break
+    sleep 0.5
+  done
+  for pidfile in "$@"; do
+    if pid_alive "$pidfile"; then
+      read -r pid start <"$pidfile"
+      log "pid $pid ($(basename "$pidfile" .pid)) did not stop in 30s; killing it"
       kill -KILL -- "-$pid" 2>/dev/null || true
     fi
-  fi
-  rm -f "$pidfile"
+    rm -f "$pidfile"
+  done
 }
 
 # Every pid file an engine has, whatever topology started it (e.g. a 3-node ES from before).
@@ -420,13 +429,15 @@ cmd_up() {
 }
 
 cmd_down() {
-  local e pidfile
+  local e pidfile started=$SECONDS pidfiles=()
   for e in $ENGINES; do
     for pidfile in $(engine_pidfiles "$e"); do
       if pid_alive "$pidfile"; then log "$e: stopping $(basename "$pidfile" .pid)"; fi
-      stop_pidfile "$pidfile"
+      pidfiles+=("$pidfile")
     done
   done
+  ((${#pidfiles[@]} == 0)) || stop_pidfiles "${pidfiles[@]}"
+  log "stopped in $((SECONDS - started))s"
 }
 
 cmd_status() {
