@@ -102,8 +102,9 @@ stop_pidfiles() {
   done
 }
 
-# Every pid file an engine has, whatever topology started it (e.g. a 3-node ES from before).
-engine_pidfiles() { find "$ENGINE_ROOT/$1" -name '*.pid' -path '*/run/*' 2>/dev/null | sort; }
+# Every pid file under a folder, one per line, whatever topology wrote it (e.g. a 3-node ES).
+pidfiles_under() { find "$1" -name '*.pid' -path '*/run/*' 2>/dev/null | sort; }
+engine_pidfiles() { pidfiles_under "$ENGINE_ROOT/$1"; }
 
 # ---------------------------------------------------------------------------------------------
 # MinIO: one server process on four drive folders, so objects are erasure coded 2+2.
@@ -312,7 +313,7 @@ es_endpoints() {
   for ((i = 0; i < ES_NODES; i++)); do urls+=("http://127.0.0.1:$((ES_HTTP_PORT + i))"); done
   echo "http ${urls[*]} (Elasticsearch $ES_VERSION, $ES_NODES node(s), data $(es_dir))"
 }
-es_logs() { echo "$(es_node_dir 0)/logs/imagemesh-local.log" "$(es_node_dir 0)/logs/stdout.log"; }
+es_logs() { printf '%s\n' "$(es_node_dir 0)/logs/imagemesh-local.log" "$(es_node_dir 0)/logs/stdout.log"; }
 
 # ---------------------------------------------------------------------------------------------
 # Spark standalone: master and workers from the pyspark wheel (it has bin/spark-class, no sbin).
@@ -359,7 +360,7 @@ spark_start() {
 spark_endpoints() {
   echo "spark://127.0.0.1:$SPARK_MASTER_PORT (UI http://127.0.0.1:$SPARK_UI_PORT, $SPARK_WORKERS worker(s) x $SPARK_WORKER_CORES core(s), $SPARK_WORKER_MEMORY)"
 }
-spark_logs() { echo "$(spark_dir)/logs/master.log" "$(spark_dir)/logs/worker-1.log"; }
+spark_logs() { printf '%s\n' "$(spark_dir)/logs/master.log" "$(spark_dir)/logs/worker-1.log"; }
 
 # ---------------------------------------------------------------------------------------------
 # Commands.
@@ -374,9 +375,10 @@ check_engines() {
 }
 
 show_failure() {
-  local e="$1" f
+  local e="$1" f files
   log "engine '$e' failed to become healthy"
-  for f in $("${e}_logs"); do
+  mapfile -t files < <("${e}_logs")
+  for f in "${files[@]}"; do
     [[ -f "$f" ]] || continue
     echo "---- last 40 lines of $f" >&2
     tail -n 40 "$f" >&2
@@ -386,12 +388,13 @@ show_failure() {
 # An engine whose every recorded process has exited cannot become healthy: fail at once instead
 # of waiting out the timeout.
 engine_died() {
-  local e="$1" pidfile any=0
-  for pidfile in $(find "$(engine_dir_of "$e")" -name '*.pid' -path '*/run/*' 2>/dev/null); do
-    any=1
+  local pidfile pidfiles
+  mapfile -t pidfiles < <(pidfiles_under "$(engine_dir_of "$1")")
+  ((${#pidfiles[@]} > 0)) || return 1
+  for pidfile in "${pidfiles[@]}"; do
     pid_alive "$pidfile" && return 1
   done
-  [[ $any -eq 1 ]]
+  return 0
 }
 
 cmd_up() {
@@ -429,22 +432,24 @@ cmd_up() {
 }
 
 cmd_down() {
-  local e pidfile started=$SECONDS pidfiles=()
+  local e pidfile started=$SECONDS found all=()
   for e in $ENGINES; do
-    for pidfile in $(engine_pidfiles "$e"); do
+    mapfile -t found < <(engine_pidfiles "$e")
+    for pidfile in "${found[@]+"${found[@]}"}"; do
       if pid_alive "$pidfile"; then log "$e: stopping $(basename "$pidfile" .pid)"; fi
-      pidfiles+=("$pidfile")
+      all+=("$pidfile")
     done
   done
-  ((${#pidfiles[@]} == 0)) || stop_pidfiles "${pidfiles[@]}"
+  ((${#all[@]} == 0)) || stop_pidfiles "${all[@]}"
   log "stopped in $((SECONDS - started))s"
 }
 
 cmd_status() {
-  local e state rc=0 pidfile procs
+  local e state rc=0 pidfile procs found
   for e in $ENGINES; do
     procs=""
-    for pidfile in $(engine_pidfiles "$e"); do
+    mapfile -t found < <(engine_pidfiles "$e")
+    for pidfile in "${found[@]+"${found[@]}"}"; do
       if pid_alive "$pidfile"; then procs+=" $(basename "$pidfile" .pid):$(cut -d' ' -f1 "$pidfile")"; fi
     done
     if "${e}_healthy"; then state=healthy; else state=down; rc=3; fi

@@ -10,6 +10,7 @@
 #   locks/  logs/           install locks and install logs
 
 LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC2034  # used by the scripts that source this file
 REPO_ROOT="$(cd "$LOCAL_DIR/../.." && pwd)"
 # shellcheck source=deploy/local/versions.env
 source "$LOCAL_DIR/versions.env"
