@@ -16,6 +16,7 @@
 #   ENGINES_SPARK_WORKER_CORES cores per worker, default 1
 #   ENGINES_SPARK_WORKER_MEMORY memory per worker, default 2g
 #
+# `status` exits 3 when any selected engine is not healthy (0 when all are).
 # `up` installs what is missing (cached after the first time), starts what is not healthy, and
 # leaves healthy engines alone. `down` stops only processes that `up` started, found through the
 # pid files it wrote; data stays until `clean`. Everything listens on 127.0.0.1 only.
