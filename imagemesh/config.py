@@ -1,0 +1,239 @@
+"""Configuration, from `IMAGEMESH_*` environment variables and an optional TOML file.
+
+Precedence, highest first: explicit overrides passed by code, environment variables,
+the TOML file named by `IMAGEMESH_CONFIG` (or `--config`), then the defaults below, which
+are the embedded ones: a local-folder object store, SQLite search, Spark `local[*]`.
+Nested fields use `__` in environment variables: `IMAGEMESH_STORAGE__BACKEND=s3`.
+Everything is validated at start; `load_settings` raises `ConfigError` with every problem
+listed, so a bad deployment fails at once with a message, never halfway through a call.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "ConfigError",
+    "ElasticsearchSettings",
+    "InferenceSettings",
+    "S3Settings",
+    "SearchBackend",
+    "SearchSettings",
+    "ServerSettings",
+    "Settings",
+    "SparkSettings",
+    "StorageBackend",
+    "StorageSettings",
+    "default_data_dir",
+    "load_settings",
+]
+
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """Where embedded backends keep their data unless configured otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "imagemesh"
+
+
+class _Section(BaseModel):
+    """A configuration section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+class StorageBackend(StrEnum):
+    """Which object store the storage service writes to."""
+
+    LOCAL = "local"
+    S3 = "s3"
+
+
+class SearchBackend(StrEnum):
+    """Which engine the search service indexes into."""
+
+    SQLITE = "sqlite"
+    ELASTICSEARCH = "elasticsearch"
+
+
+class ServerSettings(_Section):
+    """gRPC server settings shared by every service."""
+
+    host: str = "127.0.0.1"
+    # None means the default port of what is served: 50050 for the whole mesh,
+    # 50051/50052/50053 for storage/search/inference alone.
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # Large enough for a bulk-upload message or a feature shard, small enough that one
+    # client cannot make the server buffer an unbounded message.
+    max_message_bytes: int = Field(default=64 * MIB, ge=MIB, le=1024 * MIB)
+    grace_period_s: float = Field(default=10.0, ge=0, le=600)
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    # Connections are recycled so that load balancers can rebalance; the grace is long
+    # because downloads and job watches are long-lived streams.
+    max_connection_age_s: float = Field(default=1800.0, gt=0)
+    max_connection_age_grace_s: float = Field(default=600.0, ge=0)
+    # Port for Prometheus metrics over HTTP; 0 disables it.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    log_level: str = "INFO"
+    access_log: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return upper
+
+
+class S3Settings(_Section):
+    """An S3-compatible object store (MinIO, SeaweedFS, AWS S3, ...)."""
+
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str = "imagemesh"
+    secret_key: str = "imagemesh-secret"
+    bucket: str = "imagemesh"
+    secure: bool = False
+    region: str | None = None
+
+
+class StorageSettings(_Section):
+    """The storage service's backend and limits."""
+
+    backend: StorageBackend = StorageBackend.LOCAL
+    local_root: Path = Field(default_factory=lambda: default_data_dir() / "objects")
+    s3: S3Settings = Field(default_factory=S3Settings)
+    max_object_bytes: int = Field(default=2 * 1024 * MIB, ge=1)
+    # Decoded pixels above this are refused as a likely decompression bomb.
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    # Secret that signs page tokens; set it in production so tokens survive restarts
+    # and cannot be forged. Empty means a random per-process key.
+    page_token_secret: str = ""
+
+
+class ElasticsearchSettings(_Section):
+    """An Elasticsearch cluster (the server's major version must be 8)."""
+
+    url: str = "http://127.0.0.1:9200"
+    index_prefix: str = "imagemesh"
+    username: str | None = None
+    password: str | None = None
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class SearchSettings(_Section):
+    """The search service's backend."""
+
+    backend: SearchBackend = SearchBackend.SQLITE
+    sqlite_path: Path = Field(default_factory=lambda: default_data_dir() / "search.sqlite3")
+    elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
+
+
+class SparkSettings(_Section):
+    """Where large batches and training stages run."""
+
+    master: str = "local[*]"
+    executor_memory: str = "2g"
+    # PYSPARK_PYTHON for the workers; empty means the interpreter running the service.
+    python: str = ""
+
+
+class InferenceSettings(_Section):
+    """The inference service's model and batcher."""
+
+    model: str = "default"
+    # Empty means the newest published version of `model`.
+    model_version: str = ""
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    queue_capacity: int = Field(default=1024, ge=1)
+    # Selections larger than this run on Spark when a batch job's mode is AUTO.
+    spark_threshold: int = Field(default=5000, ge=0)
+    intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0)
+
+
+class Settings(BaseSettings):
+    """All of imagemesh's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEMESH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    # Where each service reaches the others when they run as separate processes; empty
+    # means "in this process" (the one-process mesh).
+    storage_address: str = ""
+    search_address: str = ""
+    inference_address: str = ""
+    # Bearer token required from clients when set; empty means no authentication.
+    auth_token: str = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("IMAGEMESH_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Reads and validates the configuration; raises `ConfigError` listing every problem."""
+    previous = os.environ.get("IMAGEMESH_CONFIG")
+    try:
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist or is not a file")
+            os.environ["IMAGEMESH_CONFIG"] = str(path)
+        toml_path = os.environ.get("IMAGEMESH_CONFIG")
+        if toml_path and not Path(toml_path).is_file():
+            raise ConfigError(f"IMAGEMESH_CONFIG={toml_path} does not exist or is not a file")
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(root)"
+            env_name = "IMAGEMESH_" + "__".join(str(p).upper() for p in error["loc"])
+            problems.append(f"  {where} ({env_name}): {error['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems)) from None
+    except ValueError as exc:  # a malformed TOML file or env value that is not JSON
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop("IMAGEMESH_CONFIG", None)
+            else:
+                os.environ["IMAGEMESH_CONFIG"] = previous

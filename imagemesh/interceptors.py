@@ -1,0 +1,166 @@
+"""Server interceptors: request ids, access logs and Prometheus metrics for every RPC.
+
+Each call gets a request id (the client's `x-request-id` metadata, or a new one), echoed in
+the response's initial metadata and available to domain code through `current_request_id`
+so that its log lines can be tied to the access log line of the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+__all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor", "current_request_id"]
+
+REQUEST_ID_KEY = "x-request-id"
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_access_log = logging.getLogger("imagemesh.access")
+
+_RPC_TOTAL = Counter(
+    "imagemesh_rpc_total", "RPCs handled, by method and status code.", ["method", "code"]
+)
+_RPC_SECONDS = Histogram(
+    "imagemesh_rpc_duration_seconds",
+    "RPC duration from the first request byte to the status, by method.",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+)
+
+
+def current_request_id() -> str:
+    """The request id of the RPC being handled, or "" outside one."""
+    return _request_id.get()
+
+
+def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    code = context.code()
+    if code is not None:
+        # aio sets an int or a StatusCode depending on the path that set it.
+        if isinstance(code, grpc.StatusCode):
+            return code.name
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return candidate.name
+    if error is None:
+        return "OK"
+    if isinstance(error, grpc.aio.AbortError):
+        return "UNKNOWN"
+    return "CANCELLED" if isinstance(error, (TimeoutError, GeneratorExit)) else "UNKNOWN"
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps every handler to assign a request id, log one access line, and count it."""
+
+    def __init__(self, *, access_log: bool = True) -> None:
+        self._access_log = access_log
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        incoming = metadata.get(REQUEST_ID_KEY)
+        request_id = incoming if isinstance(incoming, str) and incoming else uuid.uuid4().hex
+
+        def observe_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                token = _request_id.set(request_id)
+                start = time.perf_counter()
+                error: BaseException | None = None
+                try:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self._record(method, request_id, context, error, start)
+                    _request_id.reset(token)
+
+            return wrapper
+
+        def observe_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                token = _request_id.set(request_id)
+                start = time.perf_counter()
+                error: BaseException | None = None
+                try:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                    result = behavior(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    self._record(method, request_id, context, error, start)
+                    _request_id.reset(token)
+
+            return wrapper
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                observe_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                observe_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                observe_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                observe_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _record(
+        self,
+        method: str,
+        request_id: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        error: BaseException | None,
+        start: float,
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        code = _code_of(context, error)
+        _RPC_TOTAL.labels(method, code).inc()
+        _RPC_SECONDS.labels(method).observe(elapsed)
+        if self._access_log:
+            _access_log.info(
+                "rpc method=%s code=%s duration_ms=%.2f request_id=%s peer=%s",
+                method,
+                code,
+                elapsed * 1000,
+                request_id,
+                context.peer(),
+            )

@@ -1,0 +1,1 @@
+"""InferenceService: single images from a local DenseNet121, and batch jobs on Spark."""

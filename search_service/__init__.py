@@ -1,0 +1,1 @@
+"""SearchService: image and prediction search on Elasticsearch or SQLite."""

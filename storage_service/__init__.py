@@ -1,0 +1,1 @@
+"""StorageService: images and `.npy` arrays on MinIO, any S3, or a local folder."""

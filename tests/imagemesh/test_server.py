@@ -1,0 +1,146 @@
+"""The shared server bootstrap: health, reflection, UNIMPLEMENTED, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from imagemesh.config import Settings
+from imagemesh.interceptors import REQUEST_ID_KEY
+from imagemesh.server import MeshServer, ServiceMount, create_server
+from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+
+SERVICES = [
+    "imagemesh.storage.v1.StorageService",
+    "imagemesh.search.v1.SearchService",
+    "imagemesh.inference.v1.InferenceService",
+]
+
+
+async def test_health_reports_serving_for_each_service(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ["", *SERVICES]:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+async def test_health_of_an_unknown_service_is_not_found(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_the_three_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    call = stub.ServerReflectionInfo(iter([request]))
+    listed = {s.name async for reply in call for s in reply.list_services_response.service}
+    assert set(SERVICES) <= listed
+    assert "grpc.health.v1.Health" in listed
+
+
+async def test_reflection_serves_the_contract_files(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="imagemesh.inference.v1.InferenceService"
+    )
+    replies = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    protos = replies[0].file_descriptor_response.file_descriptor_proto
+    assert protos, "reflection returned no file for the inference service"
+
+
+class _SlowStorage(storage_pb2_grpc.StorageServiceServicer):
+    """A test double whose GetImage takes a while, to hold a call in flight."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def GetImage(
+        self, request: storage_pb2.GetImageRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.GetImageResponse:
+        self.entered.set()
+        await asyncio.sleep(0.5)
+        return storage_pb2.GetImageResponse(image=storage_pb2.Image(name=request.name))
+
+
+async def _start_slow_server(settings: Settings) -> tuple[MeshServer, int, _SlowStorage]:
+    slow = _SlowStorage()
+    mount = ServiceMount(
+        name="imagemesh.storage.v1.StorageService",
+        register=lambda s: storage_pb2_grpc.add_StorageServiceServicer_to_server(slow, s),
+    )
+    server, port = create_server(settings, [mount], port=0)
+    await server.start()
+    return server, port, slow
+
+
+async def test_graceful_shutdown_lets_in_flight_calls_finish(
+    embedded_settings: Settings,
+) -> None:
+    server, port, slow = await _start_slow_server(embedded_settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+        stub = storage_pb2_grpc.StorageServiceStub(chan)
+        health = health_pb2_grpc.HealthStub(chan)
+        in_flight = asyncio.ensure_future(
+            stub.GetImage(storage_pb2.GetImageRequest(name="images/a"))
+        )
+        await slow.entered.wait()
+        stopping = asyncio.ensure_future(server.stop(grace=5))
+        await asyncio.sleep(0.05)
+        # Health turns NOT_SERVING as soon as shutdown starts, before calls drain.
+        assert server.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+        reply = await in_flight
+        assert reply.image.name == "images/a"
+        await stopping
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_shutdown_cuts_calls_that_outlive_the_grace_period(
+    embedded_settings: Settings,
+) -> None:
+    server, port, slow = await _start_slow_server(embedded_settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+        stub = storage_pb2_grpc.StorageServiceStub(chan)
+        in_flight = asyncio.ensure_future(
+            stub.GetImage(storage_pb2.GetImageRequest(name="images/a"))
+        )
+        await slow.entered.wait()
+        await server.stop(grace=0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await in_flight
+        assert info.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+
+
+async def test_every_call_gets_a_request_id_back(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    call = stub.Check(health_pb2.HealthCheckRequest(), metadata=((REQUEST_ID_KEY, "abc123"),))
+    await call
+    assert (REQUEST_ID_KEY, "abc123") in tuple(await call.initial_metadata())
+    other = stub.Check(health_pb2.HealthCheckRequest())
+    await other
+    generated = dict(await other.initial_metadata())[REQUEST_ID_KEY]
+    assert len(generated) == 32
+
+
+async def test_message_size_limit_is_the_configured_one(embedded_settings: Settings) -> None:
+    embedded_settings.server.max_message_bytes = 2 * 1024 * 1024
+    server, port, _ = await _start_slow_server(embedded_settings)
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        ) as chan:
+            stub = storage_pb2_grpc.StorageServiceStub(chan)
+            # 3 MiB would pass gRPC's 4 MiB default but not the configured 2 MiB.
+            big = storage_pb2.GetImageRequest(name="x" * (3 * 1024 * 1024))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetImage(big)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(grace=0)

@@ -1,0 +1,1 @@
+"""The trainer: clean, extract features, train, evaluate and publish models on Spark."""
