@@ -72,7 +72,13 @@ launch() {
   shift 2
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
   printf '\n==== %s: %s\n' "$(date -Is)" "$*" >>"$logfile"
-  setsid "$@" </dev/null >>"$logfile" 2>&1 &
+  # The engine must not inherit the lock that `up` holds (see take_lock): it would keep the lock
+  # for as long as it runs, and every later up/down would wait for it.
+  if [[ -n "${engines_lock:-}" ]]; then
+    setsid "$@" </dev/null >>"$logfile" 2>&1 {engines_lock}>&- &
+  else
+    setsid "$@" </dev/null >>"$logfile" 2>&1 &
+  fi
   local pid=$!
   echo "$pid $(proc_starttime "$pid")" >"$pidfile"
 }
@@ -468,8 +474,20 @@ cmd_clean() {
   done
 }
 
+# One up/down/clean at a time per cache: two test sessions starting the same engine at once
+# would both launch it, and the loser's pid file would hide the winner from `down`.
+take_lock() {
+  mkdir -p "$IMAGEMESH_CACHE/locks"
+  exec {engines_lock}>"$IMAGEMESH_CACHE/locks/engines-run.lock"
+  if ! flock -n "$engines_lock"; then
+    log "another engines.sh up/down/clean is running; waiting for it"
+    flock "$engines_lock"
+  fi
+}
+
 main() {
   check_engines
+  [[ "${1:-}" == status ]] || take_lock
   case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
