@@ -243,10 +243,7 @@ es_prepare_user() {
   done
   for d in "${ancestors[@]}"; do
     if ! runuser -u "$ES_USER" -- test -x "$d"; then
-      if ! command -v setfacl >/dev/null; then
-        log "installing acl (setfacl) to let $ES_USER traverse $d"
-        apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq acl >&2
-      fi
+      ensure_command setfacl acl
       setfacl -m "u:$ES_USER:x" "$d"
     fi
   done
@@ -487,6 +484,8 @@ take_lock() {
 
 main() {
   check_engines
+  # curl answers every health check, and a minimal Debian lacks it.
+  ensure_command curl curl
   [[ "${1:-}" == status ]] || take_lock
   case "${1:-}" in
     up) cmd_up ;;

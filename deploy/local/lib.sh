@@ -41,6 +41,30 @@ go_tool_path() {
   echo "$IMAGEMESH_CACHE/bin/${name}-${!version_var}/$(go_binary_name "$name")"
 }
 
+# Is a build of module@version ($1) running, started by anyone (e.g. a warm-up job)? Reads
+# /proc directly because pgrep (procps) is not on every fresh machine.
+_go_build_running() {
+  local cmdline
+  for cmdline in /proc/[0-9]*/cmdline; do
+    [[ -r "$cmdline" ]] || continue
+    case "$(tr '\0' ' ' <"$cmdline" 2>/dev/null)" in
+      "go install $1"* | "go mod download -json $1"*) return 0 ;;
+    esac
+  done
+  return 1
+}
+
+# Installs a Debian package when the command it provides is missing (a fresh machine may lack
+# curl or setfacl); needs root, as CI and the dev machines here are.
+ensure_command() {
+  local command="$1" package="$2"
+  command -v "$command" >/dev/null && return 0
+  [[ $EUID -eq 0 ]] || die "$command is missing: install the Debian package $package"
+  log "installing $package (for $command)"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >&2
+}
+
 # Installs one pinned Go tool unless its binary is already cached, and prints its path on stdout.
 # Concurrent callers serialise on a per-tool lock; a `go install` of the same module@version
 # started by anything else (e.g. a warm-up job) is waited for rather than duplicated, because
@@ -55,7 +79,7 @@ go_tool_install() {
     mkdir -p "$IMAGEMESH_CACHE/locks" "$IMAGEMESH_CACHE/logs"
     exec {lock_fd}>"$IMAGEMESH_CACHE/locks/go-$name.lock"
     flock "$lock_fd"
-    while pgrep -f "go (install|mod download -json) $spec" >/dev/null; do
+    while _go_build_running "$spec"; do
       log "waiting for a running build of $spec to finish"
       sleep 5
     done
