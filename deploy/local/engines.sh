@@ -428,11 +428,11 @@ cmd_up() {
     ((${#pending[@]} > 0)) && sleep 1
   done
   for e in "${failed[@]+"${failed[@]}"}"; do show_failure "$e"; done
+  if ((${#failed[@]} > 0)); then
+    die "failed after $((SECONDS - started_at))s (exited, or not healthy within ${ENGINES_TIMEOUT}s): ${failed[*]}"
+  fi
   for e in $ENGINES; do printf '%-8s %s\n' "$e" "$("${e}_endpoints")"; done
   echo "engines up in $((SECONDS - started_at))s"
-  if ((${#failed[@]} > 0)); then
-    die "not healthy within ${ENGINES_TIMEOUT}s: ${failed[*]}"
-  fi
 }
 
 cmd_down() {
