@@ -1,11 +1,24 @@
-"""How the InferenceService is mounted on a server."""
+"""How the InferenceService is mounted on a server.
+
+The service opens the object store itself for model artifacts (`models/...`, like KServe's
+storage initializer), and reaches StorageService and SearchService over gRPC for images and
+predictions. Its `start` hook loads and warms the model before the service reports SERVING.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.mesh import MeshContext
+from imagemesh.page_tokens import PageTokenCodec
 from imagemesh.server import ServiceMount
 from imagemesh.unimplemented import unimplemented_servicer
+
+from .batcher import BatcherConfig
+from .decode import ImageLimits
+from .servicer import InferenceServicer
 
 __all__ = ["SERVICE_NAME", "mount"]
 
@@ -13,13 +26,77 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 
 
 def mount(ctx: MeshContext) -> ServiceMount:
-    """The InferenceService for this process (its RPCs are not implemented yet)."""
-    servicer = unimplemented_servicer(
-        inference_pb2_grpc.InferenceServiceServicer, "InferenceService"
+    """The InferenceService for this process; batch-job RPCs answer UNIMPLEMENTED for now."""
+    servicer: Any = unimplemented_servicer(
+        inference_pb2_grpc.InferenceServiceServicer, "InferenceService", keep=InferenceServicer
     )
+    resources: dict[str, Any] = {}
+
+    async def start() -> None:
+        # Imported here: serving search or storage alone must not import TensorFlow's users.
+        from storage_service.backends import open_object_store
+
+        from .model.registry import ModelRegistry
+        from .remote import LazyChannel, SearchPredictions, StorageImages
+        from .runtime import compile_model, configure_threads
+        from .service import InferenceDomain
+        from .serving import ModelManager
+
+        settings = ctx.settings
+        inference = settings.inference
+        compute = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-model")
+        decode = ThreadPoolExecutor(2, thread_name_prefix="imagemesh-decode")
+        manager = ModelManager(
+            ModelRegistry(open_object_store(settings.storage)),
+            BatcherConfig(
+                max_batch_size=inference.max_batch_size,
+                max_queue_delay_s=inference.max_queue_delay_ms / 1000.0,
+                queue_capacity=inference.queue_capacity,
+            ),
+            compute,
+            compile_model,
+            model=inference.model,
+            prepare=lambda: configure_threads(
+                inference.intra_op_threads, inference.inter_op_threads
+            ),
+        )
+        max_message = settings.server.max_message_bytes
+        storage = LazyChannel(lambda: ctx.address_of("storage"), max_message)
+        search = LazyChannel(lambda: ctx.address_of("search"), max_message)
+        resources.update(
+            manager=manager, compute=compute, decode=decode, channels=[storage, search]
+        )
+        servicer.bind(
+            InferenceDomain(
+                manager,
+                StorageImages(storage),
+                SearchPredictions(storage, search),
+                ImageLimits(
+                    max_image_bytes=inference.max_image_bytes,
+                    max_image_pixels=inference.max_image_pixels,
+                ),
+                decode,
+                PageTokenCodec(inference.page_token_secret),
+            )
+        )
+        await manager.start(inference.model_version)
+
+    async def stop() -> None:
+        manager = resources.get("manager")
+        if manager is not None:
+            await manager.close()
+        for channel in resources.get("channels", []):
+            await channel.close()
+        for name in ("compute", "decode"):
+            executor = resources.get(name)
+            if executor is not None:
+                executor.shutdown(wait=True)
+
     return ServiceMount(
         name=SERVICE_NAME,
         register=lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             servicer, server
         ),
+        start=start,
+        stop=stop,
     )

@@ -1,0 +1,255 @@
+"""Dynamic micro-batching: concurrent single images gathered into batches for one compute thread.
+
+Callers `submit` one preprocessed image and await its output row. A collector task forms a batch
+whenever the compute thread is free, takes up to `max_batch_size` images, pads the batch to one
+of a few fixed sizes (each new batch shape costs TensorFlow a slow first call; padded sizes are
+all warmed up before serving), and runs it on the shared single-thread executor, so batches of
+all models run one at a time and TensorFlow's own thread pools use the cores.
+
+When to start a batch. Waiting a fixed delay for every batch would add that delay to every call
+at low load; never waiting splits a steady load of N concurrent clients into alternating batches
+(a small one, then the rest) and loses throughput. So the collector waits for the batch to reach
+the size of the previous batch (the concurrency it just observed, capped at `max_batch_size`),
+but never longer than `max_queue_delay` from the moment it started waiting. One client calling
+in a loop gets batches of one with no wait; N clients get batches of N.
+
+Guards: the queue is bounded (`ResourceExhausted` with a retry delay when full); an image whose
+deadline passed, or whose caller went away, is dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from imagemesh.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+from . import metrics
+
+__all__ = ["BatchResult", "BatcherConfig", "MicroBatcher", "padded_sizes"]
+
+_log = logging.getLogger(__name__)
+
+# Runs one batch: (n, ...) float32 inputs -> (n, k) outputs. Called on the compute thread.
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes actually computed: powers of two and the halfway points, up to the max.
+
+    A batch is padded up to the next size, wasting at most a third of a batch's compute, while
+    the number of shapes to warm up stays logarithmic in `max_batch_size`.
+    """
+    sizes = {max_batch_size}
+    power = 1
+    while power < max_batch_size:
+        sizes.add(power)
+        if power >= 2 and power * 3 // 2 < max_batch_size:
+            sizes.add(power * 3 // 2)
+        power *= 2
+    return tuple(sorted(sizes))
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """The batcher's limits (see `InferenceSettings` for the defaults and why)."""
+
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    queue_capacity: int = 1024
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One image's output, and how its batch went."""
+
+    output: np.ndarray
+    batch_size: int
+    queue_delay_s: float
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    deadline: float | None
+
+
+@dataclass
+class _Stats:
+    # Seconds per image of recent batches, for the retry delay suggested when the queue is full.
+    seconds_per_image: float = 0.005
+    batches: int = 0
+    images: int = 0
+
+
+class MicroBatcher:
+    """Batches single-image calls to one model. Create, `start`, `submit` many, then `close`."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        config: BatcherConfig,
+        executor: Executor,
+        *,
+        label: str = "",
+    ) -> None:
+        self._runner = runner
+        self._config = config
+        self._executor = executor
+        self._label = label
+        self._sizes = padded_sizes(config.max_batch_size)
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._target = 1
+        self.stats = _Stats()
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The padded batch sizes this batcher computes (warm each up before serving)."""
+        return self._sizes
+
+    @property
+    def pending(self) -> int:
+        """Images waiting in the queue."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Starts the collector task on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._collect(), name=f"batcher {self._label}"
+            )
+
+    async def submit(self, pixels: np.ndarray, *, deadline: float | None = None) -> BatchResult:
+        """Computes one image; `deadline` is on the event loop's clock (`loop.time()`).
+
+        Raises `ResourceExhausted` if the queue is full, `DeadlineExceeded` if the deadline
+        passes before the image's batch starts, `Unavailable` if the batcher is closing.
+        """
+        if self._closing:
+            raise Unavailable("the model is being unloaded; retry", retry_after_s=0.1)
+        if len(self._queue) >= self._config.queue_capacity:
+            metrics.REJECTED.inc()
+            wait = len(self._queue) * self.stats.seconds_per_image
+            raise ResourceExhausted(
+                f"the batching queue is full ({self._config.queue_capacity} images waiting); "
+                f"retry in about {wait * 1000:.0f} ms",
+                reason="QUEUE_FULL",
+                retry_after_s=max(0.01, wait),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            metrics.DROPPED.labels("deadline").inc()
+            raise DeadlineExceeded("the deadline passed before the image was queued")
+        item = _Item(pixels, loop.create_future(), now, deadline)
+        self._queue.append(item)
+        metrics.QUEUE_DEPTH.inc()
+        self._arrived.set()
+        # If the caller is cancelled, the future is cancelled too and the collector skips it.
+        return await item.future
+
+    async def close(self) -> None:
+        """Refuses new images, lets the queued ones finish, then stops the collector."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._fill(loop)
+            batch = self._take(loop)
+            if batch:
+                await self._run(loop, batch)
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Waits until the queue reaches the target size or the delay is up."""
+        target = min(self._target, self._config.max_batch_size)
+        until = loop.time() + self._config.max_queue_delay_s
+        while len(self._queue) < target and not self._closing:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        now = loop.time()
+        batch: list[_Item] = []
+        while self._queue and len(batch) < self._config.max_batch_size:
+            item = self._queue.popleft()
+            metrics.QUEUE_DEPTH.dec()
+            if item.future.done():  # the caller went away
+                metrics.DROPPED.labels("cancelled").inc()
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                metrics.DROPPED.labels("deadline").inc()
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"the deadline passed after {(now - item.enqueued) * 1000:.1f} ms in "
+                        "the batching queue, before the image was computed"
+                    )
+                )
+                continue
+            batch.append(item)
+        return batch
+
+    def _padded(self, n: int) -> int:
+        for size in self._sizes:
+            if size >= n:
+                return size
+        return n  # not reached: n <= max_batch_size, which is in the sizes
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item]) -> None:
+        n = len(batch)
+        started = loop.time()
+        first = batch[0].pixels
+        inputs = np.zeros((self._padded(n), *first.shape), dtype=np.float32)
+        for i, item in enumerate(batch):
+            inputs[i] = item.pixels
+        t0 = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._runner, inputs)
+        except Exception as exc:  # a failed batch fails its calls, never the collector
+            _log.exception("batch of %d failed on %s", n, self._label)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - t0
+        metrics.COMPUTE_SECONDS.observe(elapsed)
+        metrics.BATCH_SIZE.observe(n)
+        stats = self.stats
+        stats.seconds_per_image = 0.8 * stats.seconds_per_image + 0.2 * (elapsed / n)
+        stats.batches += 1
+        stats.images += n
+        # The next batch waits for as many images as this one had: the observed concurrency.
+        self._target = n
+        for i, item in enumerate(batch):
+            delay = started - item.enqueued
+            metrics.QUEUE_DELAY_SECONDS.observe(delay)
+            if not item.future.done():
+                item.future.set_result(BatchResult(outputs[i].copy(), n, delay))

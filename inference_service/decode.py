@@ -1,0 +1,173 @@
+"""Image bytes -> the model's input: RGB pixels resized to the model's size, float32 in [0, 255].
+
+Accepted: PNG, JPEG, WebP, BMP and TIFF (the first frame of an animated or multi-page file), and
+`.npy` arrays of shape (H, W, 3), (H, W, 1) or (H, W), uint8 in [0, 255] or float in [0, 1].
+Guards, checked from the header before any pixel is decoded: the encoded size and the pixel
+count (a small PNG can claim gigapixels: a decompression bomb). Everything wrong with the input
+is an `InvalidArgument` whose message says what and by how much. The backbone's normalisation is
+not applied here: it is built into the model (see `model.densenet`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from imagemesh.errors import InvalidArgument
+
+__all__ = ["ACCEPTED_FORMATS", "ImageLimits", "decode_image"]
+
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF"})
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the server accepts: encoded bytes and decoded pixels (width x height)."""
+
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+
+
+def _invalid(message: str, reason: str, field: str) -> InvalidArgument:
+    return InvalidArgument(message, reason=reason, field=field)
+
+
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    limits: ImageLimits,
+    *,
+    field: str = "content",
+) -> np.ndarray:
+    """Decodes `data` to float32 pixels of shape (height, width, 3) for `size` = (h, w)."""
+    if not data:
+        raise _invalid(f"{field} is empty: send the bytes of an image", "EMPTY_IMAGE", field)
+    if len(data) > limits.max_image_bytes:
+        raise _invalid(
+            f"{field} is {len(data):,} bytes, over this server's limit of "
+            f"{limits.max_image_bytes:,} bytes",
+            "IMAGE_TOO_LARGE",
+            field,
+        )
+    if data.startswith(_NPY_MAGIC):
+        return _decode_npy(data, size, limits, field)
+    return _decode_encoded(data, size, limits, field)
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits, field: str) -> None:
+    if width < 1 or height < 1:
+        raise _invalid(f"{field} has no pixels ({width}x{height})", "EMPTY_IMAGE", field)
+    if width * height > limits.max_image_pixels:
+        raise _invalid(
+            f"{field} is {width}x{height} = {width * height:,} pixels, over this server's limit "
+            f"of {limits.max_image_pixels:,} (refused as a possible decompression bomb)",
+            "IMAGE_TOO_MANY_PIXELS",
+            field,
+        )
+
+
+def _decode_encoded(
+    data: bytes, size: tuple[int, int], limits: ImageLimits, field: str
+) -> np.ndarray:
+    height, width = size
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies; Pillow's global one must not turn into a crash.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ACCEPTED_FORMATS:
+                raise _invalid(
+                    f"{field} is a {image.format} image; accepted formats are "
+                    f"{', '.join(sorted(ACCEPTED_FORMATS))} and .npy arrays",
+                    "UNSUPPORTED_IMAGE_FORMAT",
+                    field,
+                )
+            _check_pixels(image.width, image.height, limits, field)
+            if image.format == "JPEG":
+                # Lets libjpeg decode a big photo at a reduced scale still >= the model's size:
+                # far less work and memory for the same resized result.
+                image.draft("RGB", (width, height))
+            image.seek(0)
+            rgb = image.convert("RGB")
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.float32)
+    except InvalidArgument:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise _invalid(
+            f"{field} is not a decodable image ({exc}); send PNG, JPEG, WebP, BMP, TIFF or .npy",
+            "UNDECODABLE_IMAGE",
+            field,
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow reports truncated or corrupt files with these.
+        raise _invalid(f"{field} could not be decoded: {exc}", "UNDECODABLE_IMAGE", field) from None
+
+
+def _decode_npy(data: bytes, size: tuple[int, int], limits: ImageLimits, field: str) -> np.ndarray:
+    stream = io.BytesIO(data)
+    try:
+        major, _minor = np.lib.format.read_magic(stream)
+        if major == 1:
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise _invalid(
+            f"{field} is not a valid .npy file: {exc}", "UNDECODABLE_IMAGE", field
+        ) from None
+    shape_ok = len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))
+    if not shape_ok:
+        raise _invalid(
+            f"{field} is an array of shape {shape}; expected (H, W, 3), (H, W, 1) or (H, W)",
+            "INVALID_ARRAY_SHAPE",
+            field,
+        )
+    _check_pixels(int(shape[1]), int(shape[0]), limits, field)
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise _invalid(
+            f"{field} has dtype {dtype}; expected uint8 in [0, 255] or float in [0, 1]",
+            "INVALID_ARRAY_DTYPE",
+            field,
+        )
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise _invalid(
+            f"{field} is not a valid .npy file: {exc}", "UNDECODABLE_IMAGE", field
+        ) from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise _invalid(
+                f"{field} is a float array with values outside [0, 1] (or NaN/inf); send "
+                "floats in [0, 1] or uint8 in [0, 255]",
+                "INVALID_ARRAY_VALUES",
+                field,
+            )
+        pixels = array.astype(np.float32) * np.float32(255.0)
+    else:
+        pixels = array.astype(np.float32)
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return np.ascontiguousarray(pixels)
+    # Resized channel by channel in Pillow's float mode: no rounding to uint8 on the way.
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(pixels[:, :, c])).resize(
+                (width, height), Image.Resampling.BILINEAR
+            ),
+            dtype=np.float32,
+        )
+        for c in range(3)
+    ]
+    return np.stack(channels, axis=2)

@@ -1,0 +1,269 @@
+"""The inference domain: classify one image, list and select model versions. No transport here.
+
+A classification picks its model version first (it fixes the input size), decodes the image for
+it, queues it on that version's micro-batcher, and ranks the classes. Stored images come from an
+`ImageSource`; persisted predictions go to a `PredictionSink` (both reached over gRPC in the
+mesh, see `remote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+
+from imagemesh.errors import InvalidArgument
+from imagemesh.names import image_sha256, parse_model_version
+from imagemesh.page_tokens import PageTokenCodec
+
+from .decode import ImageLimits, decode_image
+from .model.artifact import ModelMetadata
+from .serving import ModelManager
+
+__all__ = [
+    "ClassScore",
+    "Classification",
+    "ClassifyInput",
+    "ImageSource",
+    "InferenceDomain",
+    "PredictionSink",
+    "VersionListing",
+    "prediction_array_name",
+]
+
+DEFAULT_TOP_K = 5
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Payloads above this are decoded on a worker thread: a big photo takes tens of milliseconds to
+# decode, which would stall every other call on the event loop.
+_INLINE_DECODE_BYTES = 64 * 1024
+_MODEL = re.compile(r"models/([a-z0-9][a-z0-9._-]{0,62})")
+
+
+class ImageSource(Protocol):
+    """Where stored images' bytes come from."""
+
+    async def fetch(self, name: str, *, max_bytes: int, timeout_s: float | None) -> bytes:
+        """The bytes of `images/{sha256}`; `NotFound`, `Unavailable`, or `InvalidArgument`
+        if larger than `max_bytes`."""
+
+
+class PredictionSink(Protocol):
+    """Where persisted predictions go."""
+
+    async def record(
+        self,
+        image: str,
+        array_name: str,
+        metadata: ModelMetadata,
+        probabilities: np.ndarray,
+        top_classes: Sequence[ClassScore],
+        timeout_s: float | None,
+    ) -> None:
+        """Stores the probabilities as `.npy` at `array_name` and indexes the prediction."""
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class and its probability."""
+
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    """One image to classify: exactly one of `content` and `image_name`."""
+
+    content: bytes | None = None
+    image_name: str | None = None
+    model_version: str = ""
+    top_k: int = 0
+    persist: bool = False
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What the model said about one image."""
+
+    model_version: str
+    top_classes: list[ClassScore]
+    probabilities: np.ndarray
+    queue_delay_s: float
+    batch_size: int
+    probabilities_array: str = ""
+
+
+@dataclass(frozen=True)
+class VersionListing:
+    """A page of model versions, newest first, and which one serves."""
+
+    versions: list[ModelMetadata]
+    serving: str
+    next_page_token: str
+
+
+def prediction_array_name(metadata: ModelMetadata, sha256: str) -> str:
+    """Where an image's persisted probabilities are stored: one array per (version, image)."""
+    return f"arrays/predictions/{metadata.model}/{metadata.version}/{sha256}.npy"
+
+
+def _rank(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[ClassScore]:
+    # Stable sort: equal probabilities keep the model's class order.
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [ClassScore(int(i), class_names[int(i)], float(probabilities[int(i)])) for i in order]
+
+
+class InferenceDomain:
+    """The service's behaviour, independent of gRPC."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        images: ImageSource,
+        sink: PredictionSink,
+        limits: ImageLimits,
+        decode_executor: Executor,
+        page_tokens: PageTokenCodec,
+    ) -> None:
+        self.manager = manager
+        self._images = images
+        self._sink = sink
+        self._limits = limits
+        self._decode_executor = decode_executor
+        self._tokens = page_tokens
+
+    async def classify(self, request: ClassifyInput, *, timeout_s: float | None) -> Classification:
+        """Classifies one image; `timeout_s` is what is left of the caller's deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        if request.content is None and request.image_name is None:
+            raise InvalidArgument(
+                "no image: set content (the image's bytes) or image_name (images/{sha256})",
+                reason="MISSING_IMAGE",
+                field="image",
+            )
+        sha256 = None
+        if request.image_name is not None:
+            sha256 = image_sha256(request.image_name, field="image_name")
+        elif request.persist:
+            raise InvalidArgument(
+                "persist needs a stored image: send image_name, or upload the image first",
+                reason="PERSIST_NEEDS_STORED_IMAGE",
+                field="persist",
+            )
+        if request.model_version:
+            parse_model_version(request.model_version)
+        if request.top_k < 0:
+            raise InvalidArgument(
+                f"top_k must be 0 (the default, 5) or more, got {request.top_k}",
+                reason="INVALID_TOP_K",
+                field="top_k",
+            )
+        served = await self.manager.acquire(request.model_version)
+        try:
+            metadata = served.metadata
+            classes = len(metadata.class_names)
+            if request.top_k > classes:
+                raise InvalidArgument(
+                    f"top_k is {request.top_k} but {metadata.name} has {classes} classes",
+                    reason="INVALID_TOP_K",
+                    field="top_k",
+                )
+            content = request.content
+            field = "content"
+            if content is None:
+                assert request.image_name is not None
+                content = await self._images.fetch(
+                    request.image_name,
+                    max_bytes=self._limits.max_image_bytes,
+                    timeout_s=None if deadline is None else deadline - loop.time(),
+                )
+                field = "image_name"
+            pixels = await self._decode(
+                content, (metadata.input_height, metadata.input_width), field
+            )
+            result = await served.batcher.submit(pixels, deadline=deadline)
+        finally:
+            self.manager.release(served)
+        probabilities = result.output.astype(np.float32, copy=False)
+        k = request.top_k or min(DEFAULT_TOP_K, classes)
+        top = _rank(probabilities, metadata.class_names, k)
+        array_name = ""
+        if request.persist:
+            assert request.image_name is not None
+            assert sha256 is not None
+            array_name = prediction_array_name(metadata, sha256)
+            await self._sink.record(
+                request.image_name,
+                array_name,
+                metadata,
+                probabilities,
+                top,
+                None if deadline is None else max(0.0, deadline - loop.time()),
+            )
+        return Classification(
+            model_version=metadata.name,
+            top_classes=top,
+            probabilities=probabilities,
+            queue_delay_s=result.queue_delay_s,
+            batch_size=result.batch_size,
+            probabilities_array=array_name,
+        )
+
+    async def _decode(self, content: bytes, size: tuple[int, int], field: str) -> np.ndarray:
+        if len(content) <= _INLINE_DECODE_BYTES:
+            return decode_image(content, size, self._limits, field=field)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._decode_executor, lambda: decode_image(content, size, self._limits, field=field)
+        )
+
+    async def list_versions(self, model: str, page_size: int, page_token: str) -> VersionListing:
+        """A page of published versions (of `models/{model}`, or of all models), newest first."""
+        model_id: str | None = None
+        if model:
+            match = _MODEL.fullmatch(model)
+            if match is None:
+                raise InvalidArgument(
+                    f"model must be models/{{model}} (1-63 of [a-z0-9._-]), got {model[:100]!r}",
+                    reason="INVALID_MODEL_NAME",
+                    field="model",
+                )
+            model_id = match.group(1)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}, "
+                f"got {page_size}",
+                reason="INVALID_PAGE_SIZE",
+                field="page_size",
+            )
+        size = page_size or DEFAULT_PAGE_SIZE
+        query = f"models:{model}"
+        versions = await asyncio.to_thread(self.manager.registry.list_versions, model_id)
+        if page_token:
+            position = self._tokens.decode(page_token, query=query)
+            after = (datetime.fromisoformat(str(position["t"])), str(position["n"]))
+            # Keyset pagination: versions published between pages do not shift later pages.
+            versions = [v for v in versions if (v.create_time, v.name) < after]
+        page = versions[:size]
+        token = ""
+        if len(versions) > size:
+            last = page[-1]
+            token = self._tokens.encode(
+                {"t": last.create_time.isoformat(), "n": last.name}, query=query
+            )
+        serving = self.manager.serving
+        return VersionListing(page, serving.name if serving else "", token)
+
+    async def select(self, name: str) -> tuple[ModelMetadata, str]:
+        """Serves version `name` from now on; returns it and the previous version's name."""
+        parse_model_version(name, field="name")
+        return await self.manager.select(name)
