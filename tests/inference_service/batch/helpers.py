@@ -81,7 +81,6 @@ def publish_tiny_model(root: Path) -> None:
     )
 
 
-
 def local_settings(root: Path) -> StorageSettings:
     """Storage settings for a local-folder store at `root`."""
     return StorageSettings(local_root=root)
@@ -106,7 +105,7 @@ class SearchServiceDouble(search_pb2_grpc.SearchServiceServicer):
     index_calls: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def IndexPredictions(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def IndexPredictions(self, request: Any, context: Any) -> Any:
         errors = []
         indexed = 0
         with self.lock:
@@ -115,7 +114,11 @@ class SearchServiceDouble(search_pb2_grpc.SearchServiceServicer):
                     errors.append(
                         search_pb2.IndexItemError(
                             name=item.image,
-                            error={"code": "NOT_FOUND", "reason": "IMAGE_NOT_INDEXED", "message": "no document"},
+                            error={
+                                "code": "NOT_FOUND",
+                                "reason": "IMAGE_NOT_INDEXED",
+                                "message": "no document",
+                            },
                         )
                     )
                     continue
@@ -124,7 +127,7 @@ class SearchServiceDouble(search_pb2_grpc.SearchServiceServicer):
                 indexed += 1
         return search_pb2.IndexPredictionsResponse(indexed_count=indexed, errors=errors)
 
-    def SearchImages(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def SearchImages(self, request: Any, context: Any) -> Any:
         start = int(request.page_token or 0)
         size = request.page_size or 50
         page = self.documents[start : start + size]

@@ -31,7 +31,8 @@ def _record(**changes):
 
 def test_final_states_cannot_be_left():
     done = _record().transition(JobState.RUNNING).transition(JobState.SUCCEEDED)
-    assert done.final and done.end_time is not None
+    assert done.final
+    assert done.end_time is not None
     for state in (JobState.RUNNING, JobState.CANCELLING, JobState.FAILED):
         with pytest.raises(FailedPrecondition):
             done.transition(state)

@@ -86,15 +86,19 @@ def test_a_job_runs_locally_to_success_and_its_record_says_so(manager, store):
     assert done.state is JobState.SUCCEEDED
     assert (done.processed_count, done.failed_count, done.total_count) == (20, 0, 20)
     assert done.mode is JobMode.LOCAL
-    assert done.start_time is not None and done.end_time >= done.start_time
+    assert done.start_time is not None
+    assert done.end_time >= done.start_time
     stored = JobStore(store).get(created.job_id)
-    assert stored.state is JobState.SUCCEEDED and stored.processed_count == 20
+    assert stored.state is JobState.SUCCEEDED
+    assert stored.processed_count == 20
     assert stored.selection.names == tuple(names)
     for name in names:
         assert store.exists(prediction_array_name(MODEL_VERSION, name[7:]))
 
 
-def test_a_job_over_the_threshold_in_auto_mode_goes_to_spark(store, storage_settings, search_double):
+def test_a_job_over_the_threshold_in_auto_mode_goes_to_spark(
+    store, storage_settings, search_double
+):
     manager = _manager(store, storage_settings, search_double, spark_threshold=2)
     manager.start()
     try:
@@ -210,7 +214,9 @@ def test_list_is_newest_first_paginated_and_filtered_by_state(manager, store):
     third, token3 = manager.list(None, 2, token2)
     listed = [r.job_id for r in first + second + third]
     assert listed == list(reversed(ids))
-    assert token and token2 and not token3
+    assert token
+    assert token2
+    assert not token3
     succeeded, _ = manager.list(JobState.SUCCEEDED, 50, "")
     assert len(succeeded) == 5
     assert manager.list(JobState.FAILED, 50, "") == ([], "")
@@ -245,7 +251,10 @@ def test_bad_requests_are_refused_with_the_field_and_nothing_is_stored(manager, 
         manager.get("0000000000000-none")
     # The manager still works after each bad request.
     names = put_images(store, 1)
-    assert _wait_final(manager, manager.create(JobRequest(Selection(tuple(names)))).job_id).state is JobState.SUCCEEDED
+    assert (
+        _wait_final(manager, manager.create(JobRequest(Selection(tuple(names)))).job_id).state
+        is JobState.SUCCEEDED
+    )
 
 
 def test_duplicate_names_are_classified_once(manager, store):

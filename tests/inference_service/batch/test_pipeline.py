@@ -50,10 +50,7 @@ def test_every_image_gets_one_npy_matching_the_model_and_one_indexed_prediction(
 
     assert (outcome.processed, outcome.failed, outcome.stopped) == (21, 0, False)
     pixels = np.stack(
-        [
-            decode_image(store.get_bytes(f"images/{n[7:]}"), (32, 32), ImageLimits())
-            for n in names
-        ]
+        [decode_image(store.get_bytes(f"images/{n[7:]}"), (32, 32), ImageLimits()) for n in names]
     )
     # Reference: the same model called on the whole set in one batch, in process.
     expected = predictor.predict(pixels)
@@ -112,7 +109,8 @@ def test_store_inputs_writes_the_preprocessed_input_too(spec, store):
         array = load_npy(store.get_bytes(input_array_name(MODEL_VERSION, name[7:])))
         assert array.shape == (32, 32, 3)
         assert array.dtype == np.float32
-        assert 0.0 <= array.min() and array.max() <= 255.0
+        assert array.min() >= 0.0
+        assert array.max() <= 255.0
 
 
 def test_a_stop_request_ends_after_the_batch_in_hand(spec, store):
