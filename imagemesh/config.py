@@ -153,6 +153,18 @@ class SparkSettings(_Section):
     executor_memory: str = "2g"
     # PYSPARK_PYTHON for the workers; empty means the interpreter running the service.
     python: str = ""
+    # The address executors reach the driver at (SPARK_LOCAL_IP); loopback on one machine.
+    driver_host: str = "127.0.0.1"
+    app_name: str = "imagemesh"
+    # Spark's web UI costs memory and a port per application; off unless asked for.
+    ui_enabled: bool = False
+    # Cores the application may take on a standalone cluster; 0 means every free core.
+    cores_max: int = Field(default=0, ge=0)
+    # Seconds to wait for a spark:// master to answer before a job fails as unavailable.
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    # Images per Spark task: small enough that a lost executor costs little work and the
+    # progress moves often, large enough that per-task overhead (~20 ms) stays under 1 %.
+    partition_images: int = Field(default=256, ge=1, le=100_000)
 
 
 class InferenceSettings(_Section):
@@ -166,6 +178,14 @@ class InferenceSettings(_Section):
     queue_capacity: int = Field(default=1024, ge=1)
     # Selections larger than this run on Spark when a batch job's mode is AUTO.
     spark_threshold: int = Field(default=5000, ge=0)
+    # Images per model call in batch jobs (padded to this size so the model traces once).
+    batch_job_batch_size: int = Field(default=64, ge=1, le=4096)
+    # Threads per batch-job worker reading images and writing arrays (I/O, not compute).
+    batch_job_io_threads: int = Field(default=8, ge=1, le=256)
+    # Seconds between a running job's progress writes to its durable record; a record not
+    # refreshed for `batch_job_lease_s` belongs to a service that is gone.
+    batch_job_heartbeat_s: float = Field(default=2.0, gt=0, le=60)
+    batch_job_lease_s: float = Field(default=60.0, gt=0)
     # TensorFlow's thread pools; intra 0 means every core of the process. Measured on two
     # cores with batches of 16-256: intra 2 / inter 1 beat TF's default 2 / 2.
     intra_op_threads: int = Field(default=0, ge=0)
