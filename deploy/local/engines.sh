@@ -55,7 +55,13 @@ SPARK_MASTER_PORT=7077 SPARK_UI_PORT=8080 SPARK_WORKER_UI_PORT=8081
 # Processes. A pid file holds "PID STARTTIME" (field 22 of /proc/PID/stat), so that a pid the
 # kernel has since reused for something else is never taken for ours and never killed.
 
-proc_starttime() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null || true; }
+# The command name in /proc/PID/stat is in parentheses and may hold spaces: count the fields
+# after its closing parenthesis (starttime is the 20th of those).
+proc_starttime() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  awk '{print $20}' <<<"${stat##*) }"
+}
 
 pid_alive() { # pidfile -> exit 0 when the process it names is still the one we started
   local pid start
