@@ -177,3 +177,41 @@ def test_k8s_workloads_have_probes_requests_and_disruption_budgets() -> None:
         if workload["spec"]["replicas"] > 1:
             labels = tuple(sorted(workload["spec"]["selector"]["matchLabels"].items()))
             assert labels in budgets, f"{name} has no PodDisruptionBudget"
+
+
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from imagemesh.config import Settings
+
+    for key in [k for k in os.environ if k.startswith("IMAGEMESH_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def test_compose_service_environment_is_valid_imagemesh_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = _compose()["services"]
+    for name in ("storage", "search", "inference"):
+        with monkeypatch.context() as patch:
+            env = {
+                key: "secret" if str(value).startswith("${") else str(value)
+                for key, value in services[name]["environment"].items()
+            }
+            settings = _settings_from(env, patch)
+            assert settings.storage.backend == "s3"
+            assert settings.search.backend == "elasticsearch"
+            assert settings.spark.master.startswith("spark://")
+
+
+def test_k8s_config_and_secret_are_valid_imagemesh_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    documents = {d["metadata"]["name"]: d for _, d in _k8s_documents()}
+    env = {**documents["imagemesh-config"]["data"], **documents["imagemesh-secrets"]["stringData"]}
+    imagemesh_env = {k: str(v) for k, v in env.items() if k.startswith("IMAGEMESH_")}
+    settings = _settings_from(imagemesh_env, monkeypatch)
+    assert settings.storage.backend == "s3"
+    assert settings.search.backend == "elasticsearch"
+    assert settings.storage_address.endswith(":50051")
