@@ -1,0 +1,233 @@
+"""An `ObjectStore` on a local folder: the embedded default.
+
+Object `a/b/c` is the file `{root}/a/b/c`. Every write goes to a temp file under
+`{root}/.staging/`, is flushed to disk, then renamed into place with `os.replace`, so a
+reader never sees a partial object and a crash leaves at worst a stray temp file (removed at
+the next start). `.staging` is not a valid first key segment, so it never shows in listings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from imagemesh.errors import InvalidArgument, NotFound, Unavailable
+from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo
+from storage_service.backends.keys import validate_key
+
+__all__ = ["LocalObjectStore"]
+
+_STAGING = ".staging"
+
+
+class LocalObjectStore:
+    """Objects as files under `root`; see the module docstring."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        # fsync before the rename makes a committed object survive a power cut; tests and
+        # throwaway stores may turn it off.
+        self._fsync = fsync
+        self._staging = self.root / _STAGING
+        try:
+            self._staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Unavailable(f"cannot create the object folder {self.root}: {exc}") from exc
+        for stray in self._staging.iterdir():  # temp files of writes a crash interrupted
+            with contextlib.suppress(OSError):
+                stray.unlink()
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        if key.split("/", 1)[0] == _STAGING:
+            raise InvalidArgument(
+                f"object key must not start with {_STAGING!r}", reason="INVALID_OBJECT_KEY"
+            )
+        return self.root / key
+
+    def _write_atomically(self, key: str, fill: Callable[[IO[bytes]], None]) -> None:
+        target = self._path(key)
+        temp = self._staging / uuid.uuid4().hex
+        try:
+            with temp.open("wb") as out:
+                fill(out)
+                out.flush()
+                if self._fsync:
+                    os.fsync(out.fileno())
+            # A concurrent delete may remove an emptied parent folder between mkdir and
+            # replace; recreate it and retry once.
+            for attempt in range(2):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(temp, target)
+                    break
+                except FileNotFoundError:
+                    if attempt:
+                        raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+
+    # -- writes --------------------------------------------------------------------------
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        """See `ObjectStore.put_bytes`."""
+
+        def fill(out: IO[bytes]) -> None:
+            out.write(data)
+
+        self._write_atomically(key, fill)
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        length: int | None,
+        content_type: str = "application/octet-stream",
+    ) -> None:
+        """See `ObjectStore.put_stream`."""
+
+        def fill(out: IO[bytes]) -> None:
+            total = 0
+            for chunk in chunks:
+                out.write(chunk)
+                total += len(chunk)
+            if length is not None and total != length:
+                raise ValueError(f"put_stream for {key!r}: expected {length} bytes, got {total}")
+
+        self._write_atomically(key, fill)
+
+    def put_file(self, key: str, path: Path) -> None:
+        """See `ObjectStore.put_file`."""
+        with Path(path).open("rb") as source:
+            self._write_atomically(key, lambda out: shutil.copyfileobj(source, out))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _open(self, key: str) -> IO[bytes]:
+        path = self._path(key)
+        try:
+            return path.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise NotFound(f"no object {key!r}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        """See `ObjectStore.get_bytes`."""
+        with self._open(key) as source:
+            return source.read()
+
+    def get_range(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """See `ObjectStore.get_range`."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        source = self._open(key)  # raises NotFound now, not at the first next()
+        return _read_range(source, offset, length)
+
+    def download_file(self, key: str, path: Path) -> None:
+        """See `ObjectStore.download_file`."""
+        path = Path(path)
+        with self._open(key) as source:
+            temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+            try:
+                with temp.open("wb") as out:
+                    shutil.copyfileobj(source, out, DEFAULT_CHUNK_BYTES)
+                os.replace(temp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                raise
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """See `ObjectStore.stat`."""
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        return ObjectInfo(
+            key=key,
+            size=st.st_size,
+            etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
+            last_modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+        )
+
+    def exists(self, key: str) -> bool:
+        """See `ObjectStore.exists`."""
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str, start_after: str = "") -> Iterator[str]:
+        """See `ObjectStore.list_keys`."""
+        # Start at the deepest folder the prefix fully names; filter the rest by string.
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        folder = self.root / base if base else self.root
+        return self._walk(folder, base, prefix, start_after)
+
+    def _walk(self, folder: Path, rel: str, prefix: str, start_after: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        # Sort a folder `x` as `x/`, so the walk yields full keys in code-point order even
+        # when a sibling file name sorts between `x` and `x/` (e.g. `x-1` vs `x/a`).
+        named: list[tuple[str, os.DirEntry[str]]] = []
+        for entry in entries:
+            if not rel and entry.name == _STAGING:
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            named.append((rel + entry.name + ("/" if is_dir else ""), entry))
+        named.sort(key=lambda item: item[0])
+        for name, entry in named:
+            if name.endswith("/"):
+                # Skip subtrees outside the prefix or wholly at or before start_after.
+                if not (name.startswith(prefix) or prefix.startswith(name)):
+                    continue
+                if start_after > name and not start_after.startswith(name):
+                    continue
+                yield from self._walk(Path(entry.path), name, prefix, start_after)
+            elif name.startswith(prefix) and name > start_after:
+                yield name
+
+    # -- deletes -------------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        """See `ObjectStore.delete`."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        # Remove folders the deletion emptied, so listings and the disk stay tidy.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def _read_range(source: IO[bytes], offset: int, length: int | None) -> Iterator[bytes]:
+    with source:
+        source.seek(offset)
+        remaining = length
+        while remaining is None or remaining > 0:
+            want = DEFAULT_CHUNK_BYTES if remaining is None else min(remaining, DEFAULT_CHUNK_BYTES)
+            chunk = source.read(want)
+            if not chunk:
+                return
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk

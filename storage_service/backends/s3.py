@@ -1,0 +1,325 @@
+"""An `ObjectStore` on any S3 server (MinIO, SeaweedFS, AWS S3, ...) through the `minio` SDK.
+
+Writes of unknown or large size are multipart uploads of `part_size` parts with at most
+three in flight, so memory stays bounded whatever the object's size; S3 shows an object
+only once its upload completes, and an aborted upload leaves nothing. The bucket is created
+on first use if it is missing. Connection failures and 5xx answers become
+`imagemesh.errors.Unavailable`; S3's "no such key" becomes `NotFound`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from imagemesh.config import S3Settings
+from imagemesh.errors import FailedPrecondition, ImageMeshError, NotFound, Unavailable
+from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo
+from storage_service.backends.keys import validate_key
+
+__all__ = ["DEFAULT_PART_BYTES", "S3ObjectStore"]
+
+# S3's minimum part is 5 MiB; 8 MiB keeps a streamed write under ~40 MiB of buffers
+# (three parts in flight plus the one being filled) while amortising request overhead.
+DEFAULT_PART_BYTES = 8 * 1024 * 1024
+
+_MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound", "NotFound"}
+# 4xx answers that retrying cannot fix: the deployment is misconfigured.
+_CONFIG_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "InvalidBucketName",
+}
+
+_T = TypeVar("_T")
+
+
+class S3ObjectStore:
+    """Objects in one S3 bucket; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        *,
+        part_size: int = DEFAULT_PART_BYTES,
+        max_connections: int = 32,
+    ) -> None:
+        self.bucket = settings.bucket
+        self.endpoint = settings.endpoint
+        self._part_size = part_size
+        # The SDK's default pool holds 10 connections and retries 5 times with backoff; the
+        # bulk path runs more concurrent requests, and a dead server should fail in seconds.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            maxsize=max_connections,
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
+        self._client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+            http_client=http,
+        )
+        self._bucket_ready = False
+        self._bucket_lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _raise(self, exc: Exception, key: str) -> NoReturn:
+        if isinstance(exc, ImageMeshError):
+            raise exc
+        if isinstance(exc, S3Error):
+            if exc.code in _MISSING_CODES:
+                raise NotFound(f"no object {key!r}") from exc
+            if exc.code in _CONFIG_CODES:
+                raise FailedPrecondition(
+                    f"the S3 server at {self.endpoint} refused bucket {self.bucket!r} "
+                    f"({exc.code}): check the storage credentials and bucket settings",
+                    reason="S3_ACCESS_REFUSED",
+                ) from exc
+            raise Unavailable(
+                f"the S3 server at {self.endpoint} failed on {key!r}: {exc.code} {exc.message}",
+                reason="S3_ERROR",
+            ) from exc
+        raise Unavailable(
+            f"cannot reach the S3 server at {self.endpoint}: {type(exc).__name__}: {exc}",
+            reason="OBJECT_STORE_UNAVAILABLE",
+        ) from exc
+
+    def _call(self, key: str, fn: Callable[[], _T]) -> _T:
+        self._ensure_bucket()
+        try:
+            return fn()
+        except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as exc:
+            self._raise(exc, key)
+        except OSError as exc:
+            self._raise(exc, key)
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        with self._bucket_lock:
+            if self._bucket_ready:
+                return
+            try:
+                if not self._client.bucket_exists(self.bucket):
+                    try:
+                        self._client.make_bucket(self.bucket)
+                    except S3Error as exc:  # another process created it first
+                        if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                            raise
+            except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as e:
+                self._raise(e, self.bucket)
+            except OSError as exc:
+                self._raise(exc, self.bucket)
+            self._bucket_ready = True
+
+    # -- writes --------------------------------------------------------------------------
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        """See `ObjectStore.put_bytes`."""
+        validate_key(key)
+        self._call(
+            key,
+            lambda: self._client.put_object(
+                self.bucket, key, BytesIO(data), len(data), content_type=content_type
+            ),
+        )
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        length: int | None,
+        content_type: str = "application/octet-stream",
+    ) -> None:
+        """See `ObjectStore.put_stream`."""
+        validate_key(key)
+        reader = _ChunkReader(chunks, length, key)
+        # Length -1 always: the SDK then reads part by part and notices the end itself, and
+        # our reader checks the total, so a stream longer than announced is caught too. Any
+        # exception from the reader makes the SDK abort the multipart upload.
+        self._call(
+            key,
+            lambda: self._client.put_object(
+                self.bucket,
+                key,
+                reader,  # type: ignore[arg-type]
+                -1,
+                content_type=content_type,
+                part_size=self._part_size,
+            ),
+        )
+
+    def put_file(self, key: str, path: Path) -> None:
+        """See `ObjectStore.put_file`."""
+        validate_key(key)
+        size = Path(path).stat().st_size
+        with Path(path).open("rb") as source:
+            self._call(
+                key,
+                lambda: self._client.put_object(
+                    self.bucket,
+                    key,
+                    source,
+                    size,
+                    part_size=max(self._part_size, -(-size // 10_000)),
+                ),
+            )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get_bytes(self, key: str) -> bytes:
+        """See `ObjectStore.get_bytes`."""
+        return b"".join(self.get_range(key))
+
+    def get_range(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """See `ObjectStore.get_range`."""
+        validate_key(key)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            # The SDK reads length 0 as "to the end"; an empty range still needs the object.
+            if self.stat(key) is None:
+                raise NotFound(f"no object {key!r}")
+            return iter(())
+        try:
+            response = self._client_get(key, offset, length or 0)
+        except _RangePastEnd:
+            # S3 refuses a range that starts at or past the end; the contract is "no bytes".
+            if self.stat(key) is None:
+                raise NotFound(f"no object {key!r}") from None
+            return iter(())
+        return self._stream(response, key)
+
+    def _client_get(self, key: str, offset: int, length: int) -> Any:
+        def get() -> Any:
+            try:
+                return self._client.get_object(self.bucket, key, offset, length)
+            except S3Error as exc:
+                if exc.code == "InvalidRange":
+                    raise _RangePastEnd(exc.message or "range past end") from exc
+                raise
+
+        return self._call(key, get)
+
+    def _stream(self, response: Any, key: str) -> Iterator[bytes]:
+        try:
+            try:
+                yield from response.stream(DEFAULT_CHUNK_BYTES)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                self._raise(exc, key)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def download_file(self, key: str, path: Path) -> None:
+        """See `ObjectStore.download_file`."""
+        validate_key(key)
+        self._call(key, lambda: self._client.fget_object(self.bucket, key, str(path)))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """See `ObjectStore.stat`."""
+        validate_key(key)
+        try:
+            obj = self._call(key, lambda: self._client.stat_object(self.bucket, key))
+        except NotFound:
+            return None
+        modified = obj.last_modified or datetime.now(tz=UTC)
+        return ObjectInfo(
+            key=key,
+            size=int(obj.size or 0),
+            etag=(obj.etag or "").strip('"'),
+            last_modified=modified,
+            content_type=obj.content_type,
+        )
+
+    def exists(self, key: str) -> bool:
+        """See `ObjectStore.exists`."""
+        return self.stat(key) is not None
+
+    def list_keys(self, prefix: str, start_after: str = "") -> Iterator[str]:
+        """See `ObjectStore.list_keys`."""
+        self._ensure_bucket()
+        return self._list(prefix, start_after)
+
+    def _list(self, prefix: str, start_after: str) -> Iterator[str]:
+        try:
+            for obj in self._client.list_objects(
+                self.bucket, prefix=prefix or None, recursive=True, start_after=start_after or None
+            ):
+                name = obj.object_name
+                # Some servers (SeaweedFS) may report folder markers; they are not objects.
+                if name is None or obj.is_dir or name.endswith("/"):
+                    continue
+                if name > start_after:
+                    yield name
+        except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as exc:
+            self._raise(exc, prefix)
+        except OSError as exc:
+            self._raise(exc, prefix)
+
+    # -- deletes -------------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        """See `ObjectStore.delete`."""
+        validate_key(key)
+        try:
+            self._call(key, lambda: self._client.remove_object(self.bucket, key))
+        except NotFound:
+            return
+
+
+class _RangePastEnd(ImageMeshError):
+    """Internal: the requested range starts at or past the object's end."""
+
+
+class _ChunkReader:
+    """A file-like `read(n)` over an iterable of chunks, checking the announced length."""
+
+    def __init__(self, chunks: Iterable[bytes], length: int | None, key: str) -> None:
+        self._chunks = iter(chunks)
+        self._length = length
+        self._key = key
+        self._pending = memoryview(b"")
+        self._total = 0
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._pending:
+            if self._done:
+                return b""
+            for chunk in self._chunks:
+                if chunk:
+                    self._total += len(chunk)
+                    self._pending = memoryview(chunk)
+                    break
+            else:
+                self._done = True
+                if self._length is not None and self._total != self._length:
+                    raise ValueError(
+                        f"put_stream for {self._key!r}: expected {self._length} bytes, "
+                        f"got {self._total}"
+                    )
+                return b""
+        if size < 0 or size >= len(self._pending):
+            out, self._pending = self._pending, memoryview(b"")
+        else:
+            out, self._pending = self._pending[:size], self._pending[size:]
+        return out.tobytes()
