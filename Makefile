@@ -52,8 +52,9 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Starts the engines that are down, runs every test, and stops what it started.
 test: venv tools lint check-protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+	bash scripts/with_engines.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 # Tests that need no engine, for a quick loop while editing.
 test-fast: venv
