@@ -99,7 +99,15 @@ def _decode_encoded(
             return np.asarray(rgb, dtype=np.float32)
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Pillow's own, higher limit, hit in `open` before ours could be checked.
+        raise _invalid(
+            f"{field} has too many pixels ({exc}); this server's limit is "
+            f"{limits.max_image_pixels:,} (refused as a possible decompression bomb)",
+            "IMAGE_TOO_MANY_PIXELS",
+            field,
+        ) from None
+    except UnidentifiedImageError as exc:
         raise _invalid(
             f"{field} is not a decodable image ({exc}); send PNG, JPEG, WebP, BMP, TIFF or .npy",
             "UNDECODABLE_IMAGE",

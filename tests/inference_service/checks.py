@@ -76,7 +76,9 @@ async def check_switch_under_load(
     failures: list[BaseException] = []
     contents = [png(2000 + i) for i in range(workers)]
     expected = {
-        (name, i): ref(pixels_of(c)) for name, ref in references.items() for i, c in enumerate(contents)
+        (name, i): ref(pixels_of(c))
+        for name, ref in references.items()
+        for i, c in enumerate(contents)
     }
 
     async def worker(i: int) -> None:

@@ -48,7 +48,9 @@ def tiny_models() -> TinyModels:
     )
 
 
-def publish(registry: ModelRegistry, keras_model: Any, *, version: str | None = None) -> ModelMetadata:
+def publish(
+    registry: ModelRegistry, keras_model: Any, *, version: str | None = None
+) -> ModelMetadata:
     """Publishes a tiny model as a version of `default`."""
     return registry.publish(
         "default",

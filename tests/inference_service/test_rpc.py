@@ -414,10 +414,7 @@ async def test_a_full_queue_answers_resource_exhausted_with_retry_info(
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             results = await asyncio.gather(
-                *(
-                    stub.Classify(inference_pb2.ClassifyRequest(content=png(i)))
-                    for i in range(150)
-                ),
+                *(stub.Classify(inference_pb2.ClassifyRequest(content=png(i))) for i in range(150)),
                 return_exceptions=True,
             )
             errors = [r for r in results if isinstance(r, BaseException)]

@@ -1,0 +1,147 @@
+"""The micro-batcher alone, with a plain numpy runner (no TensorFlow): batching, guards."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from imagemesh.errors import DeadlineExceeded, ResourceExhausted
+from inference_service.batcher import BatcherConfig, MicroBatcher, padded_sizes
+
+
+class CountingRunner:
+    """Sums each image's pixels; records the batch shapes it saw; can be held to block."""
+
+    def __init__(self) -> None:
+        self.shapes: list[int] = []
+        self.computed: list[float] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.release.wait(10)
+        self.shapes.append(batch.shape[0])
+        sums = batch.reshape(batch.shape[0], -1).sum(axis=1)
+        self.computed.extend(float(s) for s in sums)
+        return np.stack([sums, -sums], axis=1)
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def _image(value: float) -> np.ndarray:
+    return np.full((2, 2, 3), value, dtype=np.float32)
+
+
+def test_padded_sizes_are_few_and_cover_every_size() -> None:
+    assert padded_sizes(1) == (1,)
+    assert padded_sizes(32) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    sizes = padded_sizes(100)
+    assert sizes[-1] == 100
+    for n in range(1, 101):  # every batch fits a size wasting at most a third of it
+        padded = next(s for s in sizes if s >= n)
+        assert padded - n <= max(1, padded // 3)
+
+
+async def test_concurrent_images_are_batched_and_each_gets_its_own_output(executor) -> None:
+    runner = CountingRunner()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=8), executor)
+    batcher.start()
+    results = await asyncio.gather(*(batcher.submit(_image(i)) for i in range(40)))
+    await batcher.close()
+    for i, result in enumerate(results):
+        assert result.output[0] == pytest.approx(i * 12)
+        assert result.output[1] == pytest.approx(-i * 12)
+    assert max(r.batch_size for r in results) == 8
+    assert all(shape in padded_sizes(8) for shape in runner.shapes)
+
+
+async def test_one_caller_in_a_loop_is_not_delayed_waiting_for_others(executor) -> None:
+    runner = CountingRunner()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=5.0)
+    batcher = MicroBatcher(runner, config, executor)
+    batcher.start()
+    # With a 5 s delay, waiting for a fuller batch would make this test hang for 15 s.
+    for i in range(3):
+        result = await asyncio.wait_for(batcher.submit(_image(i)), timeout=4.0)
+        assert result.batch_size == 1
+    await batcher.close()
+
+
+async def test_an_expired_image_is_dropped_before_compute(executor) -> None:
+    runner = CountingRunner()
+    runner.release.clear()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=4), executor)
+    batcher.start()
+    loop = asyncio.get_running_loop()
+    blocker = asyncio.ensure_future(batcher.submit(_image(1)))
+    await asyncio.to_thread(runner.entered.wait, 10)  # the compute thread is now busy
+    doomed = asyncio.ensure_future(batcher.submit(_image(2), deadline=loop.time() + 0.05))
+    await asyncio.sleep(0.2)  # its deadline passes while it waits
+    runner.release.set()
+    assert (await blocker).output[0] == pytest.approx(12)
+    with pytest.raises(DeadlineExceeded):
+        await doomed
+    await batcher.close()
+    assert 24.0 not in runner.computed  # the expired image never reached the model
+
+
+async def test_a_full_queue_refuses_with_a_retry_delay(executor) -> None:
+    runner = CountingRunner()
+    runner.release.clear()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=1, queue_capacity=2), executor)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(_image(0)))
+    await asyncio.to_thread(runner.entered.wait, 10)
+    queued = [asyncio.ensure_future(batcher.submit(_image(i))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted) as info:
+        await batcher.submit(_image(3))
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+    runner.release.set()
+    await asyncio.gather(first, *queued)
+    await batcher.close()
+
+
+async def test_a_cancelled_caller_is_skipped(executor) -> None:
+    runner = CountingRunner()
+    runner.release.clear()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=4), executor)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(_image(1)))
+    await asyncio.to_thread(runner.entered.wait, 10)
+    gone = asyncio.ensure_future(batcher.submit(_image(5)))
+    kept = asyncio.ensure_future(batcher.submit(_image(6)))
+    await asyncio.sleep(0)
+    gone.cancel()
+    runner.release.set()
+    await first
+    assert (await kept).output[0] == pytest.approx(72)
+    await batcher.close()
+    assert 60.0 not in runner.computed
+
+
+async def test_a_failing_batch_fails_its_calls_and_the_batcher_goes_on(executor) -> None:
+    calls = {"n": 0}
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return np.ones((batch.shape[0], 1), dtype=np.float32)
+
+    batcher = MicroBatcher(flaky, BatcherConfig(max_batch_size=4), executor)
+    batcher.start()
+    with pytest.raises(RuntimeError):
+        await batcher.submit(_image(1))
+    assert (await batcher.submit(_image(1))).output[0] == 1
+    await batcher.close()
