@@ -136,6 +136,18 @@ class ElasticsearchSettings(_Section):
     username: str | None = None
     password: str | None = None
     request_timeout_s: float = Field(default=30.0, gt=0)
+    # One shard keeps per-class counts exact and is right up to tens of millions of documents.
+    number_of_shards: int = Field(default=1, ge=1, le=64)
+    number_of_replicas: int = Field(default=0, ge=0, le=8)
+    # Documents per bulk request; IndexImages calls larger than this are streamed in chunks.
+    bulk_chunk_size: int = Field(default=1000, ge=1, le=10_000)
+    # Retries of documents rejected with 429 (and requests failing with 502/503/504), with
+    # exponential backoff from `initial_backoff_s` up to `max_backoff_s`.
+    max_retries: int = Field(default=3, ge=0, le=20)
+    initial_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=10.0, gt=0)
+    # Threads (and pooled connections) the blocking client runs on.
+    workers: int = Field(default=8, ge=1, le=256)
 
 
 class SearchSettings(_Section):
@@ -144,6 +156,10 @@ class SearchSettings(_Section):
     backend: SearchBackend = SearchBackend.SQLITE
     sqlite_path: Path = Field(default_factory=lambda: default_data_dir() / "search.sqlite3")
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
+    # Secret that signs search page tokens; empty means a random per-process key.
+    page_token_secret: str = ""
+    # How long a search cursor stays valid (the contract promises at least 10 minutes).
+    page_token_ttl_s: float = Field(default=900.0, gt=0, le=86_400)
 
 
 class SparkSettings(_Section):

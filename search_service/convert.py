@@ -1,0 +1,153 @@
+"""Protobuf messages to and from the search domain's values (transport side only)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from imagemesh.common.v1 import common_pb2
+from imagemesh.search.v1 import search_pb2
+from search_service.model import (
+    ClassScore,
+    CountField,
+    ImageFilter,
+    ImageRecord,
+    ItemFailure,
+    PredictionFilter,
+    PredictionRecord,
+    SearchRequest,
+)
+
+__all__ = [
+    "document_from_proto",
+    "document_to_proto",
+    "failure_to_proto",
+    "prediction_from_proto",
+    "search_request_from_proto",
+]
+
+_COUNT_FIELDS = {
+    search_pb2.COUNT_FIELD_LABEL: CountField.LABEL,
+    search_pb2.COUNT_FIELD_PREDICTED_CLASS: CountField.PREDICTED_CLASS,
+    search_pb2.COUNT_FIELD_DATASET: CountField.DATASET,
+}
+
+
+def _ns(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def _timestamp(ns: int) -> Timestamp:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def prediction_from_proto(p: common_pb2.Prediction) -> PredictionRecord:
+    """A domain prediction from its message."""
+    return PredictionRecord(
+        model_version=p.model_version,
+        top_class=p.top_class,
+        confidence=p.confidence,
+        top_classes=tuple(
+            ClassScore(s.class_name, s.class_index, s.probability) for s in p.top_classes
+        ),
+        predict_time_ns=_ns(p.predict_time) if p.HasField("predict_time") else None,
+        probabilities_array=p.probabilities_array,
+    )
+
+
+def _prediction_to_proto(p: PredictionRecord) -> common_pb2.Prediction:
+    message = common_pb2.Prediction(
+        model_version=p.model_version,
+        top_class=p.top_class,
+        confidence=p.confidence,
+        top_classes=[
+            common_pb2.ClassScore(
+                class_name=s.class_name, class_index=s.class_index, probability=s.probability
+            )
+            for s in p.top_classes
+        ],
+        probabilities_array=p.probabilities_array,
+    )
+    if p.predict_time_ns is not None:
+        message.predict_time.CopyFrom(_timestamp(p.predict_time_ns))
+    return message
+
+
+def document_from_proto(d: search_pb2.ImageDocument) -> ImageRecord:
+    """A domain document from its message (predictions are output only and dropped)."""
+    return ImageRecord(
+        name=d.name,
+        filename=d.filename,
+        dataset=d.dataset,
+        label=d.label,
+        tags=tuple(d.tags),
+        attributes=dict(d.attributes),
+        content_type=d.content_type,
+        size_bytes=d.size_bytes,
+        width=d.width,
+        height=d.height,
+        create_time_ns=_ns(d.create_time) if d.HasField("create_time") else 0,
+    )
+
+
+def document_to_proto(r: ImageRecord) -> search_pb2.ImageDocument:
+    """The message of a domain document."""
+    return search_pb2.ImageDocument(
+        name=r.name,
+        filename=r.filename,
+        dataset=r.dataset,
+        label=r.label,
+        tags=list(r.tags),
+        attributes=r.attributes,
+        content_type=r.content_type,
+        size_bytes=r.size_bytes,
+        width=r.width,
+        height=r.height,
+        create_time=_timestamp(r.create_time_ns),
+        predictions=[_prediction_to_proto(p) for p in r.predictions],
+    )
+
+
+def failure_to_proto(f: ItemFailure) -> search_pb2.IndexItemError:
+    """The message of one failed bulk item."""
+    return search_pb2.IndexItemError(
+        name=f.name,
+        error=common_pb2.ItemError(code=f.code, reason=f.reason, message=f.message),
+    )
+
+
+def search_request_from_proto(r: search_pb2.SearchImagesRequest) -> SearchRequest:
+    """The domain request of a SearchImages call (not yet validated)."""
+    f = r.filter
+    prediction = None
+    if f.HasField("prediction"):
+        p = f.prediction
+        prediction = PredictionFilter(
+            model_version=p.model_version,
+            classes=tuple(p.classes),
+            min_confidence=p.min_confidence if p.HasField("min_confidence") else None,
+            max_confidence=p.max_confidence if p.HasField("max_confidence") else None,
+        )
+    start = end = None
+    if f.HasField("create_time"):
+        if f.create_time.HasField("start_time"):
+            start = _ns(f.create_time.start_time)
+        if f.create_time.HasField("end_time"):
+            end = _ns(f.create_time.end_time)
+    return SearchRequest(
+        filter=ImageFilter(
+            datasets=tuple(f.datasets),
+            labels=tuple(f.labels),
+            tags=tuple(f.tags),
+            attributes=tuple(sorted(f.attributes.items())),
+            create_start_ns=start,
+            create_end_ns=end,
+            prediction=prediction,
+            names=tuple(f.names),
+        ),
+        text=r.text,
+        order_by=r.order_by,
+        page_size=r.page_size,
+        page_token=r.page_token,
+        count_by=_COUNT_FIELDS.get(r.count_by),
+    )
