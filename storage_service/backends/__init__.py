@@ -16,6 +16,10 @@ the local folder, MinIO and SeaweedFS:
   time, before any chunk) and `download_file`; `stat` returns None; `delete` is idempotent.
 - `list_keys` yields every key starting with `prefix` and greater than `start_after`, in
   lexicographic (code point) order, lazily: resuming from `start_after` is cheap.
+  `list_prefixes` yields the "sub-folders" directly under a prefix, like S3's delimiter.
+- Small user metadata (`metadata=`, lowercase ASCII keys, values of printable ASCII, a
+  couple of KiB in all, as S3 allows) is written atomically with the object and returned by
+  `stat`.
 - A store that cannot be reached raises `imagemesh.errors.Unavailable`.
 
 Keys under `models/` belong to the inference service; the storage service never touches them.
@@ -23,8 +27,8 @@ Keys under `models/` belong to the inference service; the storage service never 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -58,6 +62,8 @@ class ObjectInfo:
     # The media type given when the object was written, where the backend keeps one
     # (S3 does; the local folder does not and reports None).
     content_type: str | None = None
+    # The user metadata written with the object (keys lowercase).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -65,7 +71,12 @@ class ObjectStore(Protocol):
     """A flat namespace of immutable-once-written objects; see the module docstring."""
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Writes `data` as the object `key`, replacing any previous object atomically."""
         ...
@@ -76,6 +87,8 @@ class ObjectStore(Protocol):
         chunks: Iterable[bytes],
         length: int | None,
         content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Writes the concatenated `chunks` as `key`, committing only if iteration ends normally.
 
@@ -109,6 +122,13 @@ class ObjectStore(Protocol):
 
     def list_keys(self, prefix: str, start_after: str = "") -> Iterator[str]:
         """Keys starting with `prefix` and greater than `start_after`, in lexicographic order."""
+        ...
+
+    def list_prefixes(self, prefix: str) -> Iterator[str]:
+        """The distinct `prefix + segment + "/"` that some key starts with, in order.
+
+        `prefix` must be empty or end with `/`; keys directly under it are not returned.
+        """
         ...
 
     def delete(self, key: str) -> None:

@@ -3,16 +3,20 @@
 Object `a/b/c` is the file `{root}/a/b/c`. Every write goes to a temp file under
 `{root}/.staging/`, is flushed to disk, then renamed into place with `os.replace`, so a
 reader never sees a partial object and a crash leaves at worst a stray temp file (removed at
-the next start). `.staging` is not a valid first key segment, so it never shows in listings.
+the next start). User metadata and the content type, when given, live in a JSON sidecar
+`{root}/.meta/{key}`, written before the object and removed after it, so an object never
+shows without its metadata. `.staging` and `.meta` are not valid first key segments, so they
+never show in listings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -24,6 +28,8 @@ from storage_service.backends.keys import validate_key
 __all__ = ["LocalObjectStore"]
 
 _STAGING = ".staging"
+_META = ".meta"
+_RESERVED = {_STAGING, _META}
 
 
 class LocalObjectStore:
@@ -47,14 +53,38 @@ class LocalObjectStore:
 
     def _path(self, key: str) -> Path:
         validate_key(key)
-        if key.split("/", 1)[0] == _STAGING:
+        if key.split("/", 1)[0] in _RESERVED:
             raise InvalidArgument(
-                f"object key must not start with {_STAGING!r}", reason="INVALID_OBJECT_KEY"
+                f"object key must not start with {_STAGING!r} or {_META!r}",
+                reason="INVALID_OBJECT_KEY",
             )
         return self.root / key
 
-    def _write_atomically(self, key: str, fill: Callable[[IO[bytes]], None]) -> None:
+    def _sidecar(self, key: str) -> Path:
+        return self.root / _META / key
+
+    def _write_atomically(
+        self,
+        key: str,
+        fill: Callable[[IO[bytes]], None],
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         target = self._path(key)
+        if metadata:
+            sidecar = json.dumps({"content_type": content_type, "metadata": dict(metadata)})
+
+            def fill_sidecar(out: IO[bytes]) -> None:
+                out.write(sidecar.encode())
+
+            self._replace_file(self._sidecar(key), fill_sidecar)
+        else:
+            # A previous version's metadata must not survive a rewrite without metadata.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                self._sidecar(key).unlink()
+        self._replace_file(target, fill)
+
+    def _replace_file(self, target: Path, fill: Callable[[IO[bytes]], None]) -> None:
         temp = self._staging / uuid.uuid4().hex
         try:
             with temp.open("wb") as out:
@@ -80,14 +110,19 @@ class LocalObjectStore:
     # -- writes --------------------------------------------------------------------------
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """See `ObjectStore.put_bytes`."""
 
         def fill(out: IO[bytes]) -> None:
             out.write(data)
 
-        self._write_atomically(key, fill)
+        self._write_atomically(key, fill, content_type, metadata)
 
     def put_stream(
         self,
@@ -95,6 +130,8 @@ class LocalObjectStore:
         chunks: Iterable[bytes],
         length: int | None,
         content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """See `ObjectStore.put_stream`."""
 
@@ -106,7 +143,7 @@ class LocalObjectStore:
             if length is not None and total != length:
                 raise ValueError(f"put_stream for {key!r}: expected {length} bytes, got {total}")
 
-        self._write_atomically(key, fill)
+        self._write_atomically(key, fill, content_type, metadata)
 
     def put_file(self, key: str, path: Path) -> None:
         """See `ObjectStore.put_file`."""
@@ -157,11 +194,20 @@ class LocalObjectStore:
             return None
         if not path.is_file():
             return None
+        content_type: str | None = None
+        metadata: dict[str, str] = {}
+        try:
+            sidecar = json.loads(self._sidecar(key).read_bytes())
+            content_type, metadata = sidecar["content_type"], sidecar["metadata"]
+        except (FileNotFoundError, NotADirectoryError):
+            pass
         return ObjectInfo(
             key=key,
             size=st.st_size,
             etag=f"{st.st_mtime_ns:x}-{st.st_size:x}",
             last_modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+            content_type=content_type,
+            metadata=metadata,
         )
 
     def exists(self, key: str) -> bool:
@@ -184,7 +230,7 @@ class LocalObjectStore:
         # when a sibling file name sorts between `x` and `x/` (e.g. `x-1` vs `x/a`).
         named: list[tuple[str, os.DirEntry[str]]] = []
         for entry in entries:
-            if not rel and entry.name == _STAGING:
+            if not rel and entry.name in _RESERVED:
                 continue
             is_dir = entry.is_dir(follow_symlinks=False)
             named.append((rel + entry.name + ("/" if is_dir else ""), entry))
@@ -200,6 +246,23 @@ class LocalObjectStore:
             elif name.startswith(prefix) and name > start_after:
                 yield name
 
+    def list_prefixes(self, prefix: str) -> Iterator[str]:
+        """See `ObjectStore.list_prefixes`."""
+        if prefix and not prefix.endswith("/"):
+            raise ValueError("prefix must be empty or end with '/'")
+        if prefix:
+            self._path(prefix.rstrip("/"))
+        folder = self.root / prefix if prefix else self.root
+        try:
+            names = sorted(
+                entry.name + "/"
+                for entry in os.scandir(folder)
+                if entry.is_dir(follow_symlinks=False) and (prefix or entry.name not in _RESERVED)
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            return iter(())
+        return iter([prefix + name for name in names])
+
     # -- deletes -------------------------------------------------------------------------
 
     def delete(self, key: str) -> None:
@@ -209,9 +272,16 @@ class LocalObjectStore:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError):
             return
-        # Remove folders the deletion emptied, so listings and the disk stay tidy.
-        parent = path.parent
-        while parent != self.root:
+        finally:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                self._sidecar(key).unlink()
+        self._prune(path.parent, self.root)
+        self._prune(self._sidecar(key).parent, self.root / _META)
+
+    @staticmethod
+    def _prune(parent: Path, stop: Path) -> None:
+        # Remove folders a deletion emptied, so listings and the disk stay tidy.
+        while parent != stop and parent != parent.parent:
             try:
                 parent.rmdir()
             except OSError:

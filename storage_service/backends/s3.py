@@ -10,7 +10,7 @@ on first use if it is missing. Connection failures and 5xx answers become
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -42,6 +42,12 @@ _CONFIG_CODES = {
 }
 
 _T = TypeVar("_T")
+_META_PREFIX = "x-amz-meta-"
+
+
+def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str | list[str] | tuple[str]]:
+    # The SDK adds the x-amz-meta- prefix to names that lack it.
+    return {name.lower(): value for name, value in (metadata or {}).items()}
 
 
 class S3ObjectStore:
@@ -131,14 +137,24 @@ class S3ObjectStore:
     # -- writes --------------------------------------------------------------------------
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """See `ObjectStore.put_bytes`."""
         validate_key(key)
         self._call(
             key,
             lambda: self._client.put_object(
-                self.bucket, key, BytesIO(data), len(data), content_type=content_type
+                self.bucket,
+                key,
+                BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata=_user_metadata(metadata),
             ),
         )
 
@@ -148,6 +164,8 @@ class S3ObjectStore:
         chunks: Iterable[bytes],
         length: int | None,
         content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """See `ObjectStore.put_stream`."""
         validate_key(key)
@@ -163,6 +181,7 @@ class S3ObjectStore:
                 reader,  # type: ignore[arg-type]
                 -1,
                 content_type=content_type,
+                metadata=_user_metadata(metadata),
                 part_size=self._part_size,
             ),
         )
@@ -242,12 +261,18 @@ class S3ObjectStore:
         except NotFound:
             return None
         modified = obj.last_modified or datetime.now(tz=UTC)
+        metadata = {
+            name.lower().removeprefix(_META_PREFIX): str(value)
+            for name, value in (obj.metadata or {}).items()
+            if name.lower().startswith(_META_PREFIX)
+        }
         return ObjectInfo(
             key=key,
             size=int(obj.size or 0),
             etag=(obj.etag or "").strip('"'),
             last_modified=modified,
             content_type=obj.content_type,
+            metadata=metadata,
         )
 
     def exists(self, key: str) -> bool:
@@ -274,6 +299,25 @@ class S3ObjectStore:
             self._raise(exc, prefix)
         except OSError as exc:
             self._raise(exc, prefix)
+
+    def list_prefixes(self, prefix: str) -> Iterator[str]:
+        """See `ObjectStore.list_prefixes`."""
+        if prefix and not prefix.endswith("/"):
+            raise ValueError("prefix must be empty or end with '/'")
+        self._ensure_bucket()
+        try:
+            names = [
+                obj.object_name
+                for obj in self._client.list_objects(
+                    self.bucket, prefix=prefix or None, recursive=False
+                )
+                if obj.object_name is not None and obj.object_name.endswith("/")
+            ]
+        except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as exc:
+            self._raise(exc, prefix)
+        except OSError as exc:
+            self._raise(exc, prefix)
+        return iter(sorted(names))
 
     # -- deletes -------------------------------------------------------------------------
 

@@ -257,3 +257,33 @@ def test_local_store_hides_and_sweeps_staging_files(tmp_path: Path) -> None:
     assert list(store.list_keys("")) == []
     with pytest.raises(InvalidArgument):
         store.put_bytes(".staging/x", b"x")
+
+
+def test_user_metadata_is_written_with_the_object(store: ObjectStore) -> None:
+    meta = {"record": "eyJhIjogMX0", "dataset": "flowers"}
+    store.put_bytes("with/meta", b"x", "image/png", metadata=meta)
+    info = store.stat("with/meta")
+    assert info is not None
+    assert dict(info.metadata) == meta
+    assert info.content_type == "image/png"
+    store.put_stream("with/streamed", iter([b"ab", b"c"]), 3, metadata={"gen": "7"})
+    streamed = store.stat("with/streamed")
+    assert streamed is not None
+    assert dict(streamed.metadata) == {"gen": "7"}
+    # A rewrite without metadata drops the old metadata.
+    store.put_bytes("with/meta", b"y")
+    rewritten = store.stat("with/meta")
+    assert rewritten is not None
+    assert dict(rewritten.metadata) == {}
+    store.delete("with/meta")
+    store.delete("with/streamed")
+    assert _all_keys(store) == []
+
+
+def test_list_prefixes_lists_direct_sub_folders(store: ObjectStore) -> None:
+    for key in ["p/m1/v1/a.npy", "p/m1/v2/a.npy", "p/m2/v1/b.npy", "p/top.npy", "q/x"]:
+        store.put_bytes(key, b"")
+    assert list(store.list_prefixes("p/")) == ["p/m1/", "p/m2/"]
+    assert list(store.list_prefixes("p/m1/")) == ["p/m1/v1/", "p/m1/v2/"]
+    assert list(store.list_prefixes("")) == ["p/", "q/"]
+    assert list(store.list_prefixes("none/")) == []
