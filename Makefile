@@ -34,12 +34,16 @@ tools:
 
 protos: venv
 	bash scripts/gen_protos.sh
+	bash scripts/gen_go.sh
 
 # Regenerates into a scratch folder and compares: committed stubs must match the protos.
 check-protos: venv
 	@tmp=$$(mktemp -d); bash scripts/gen_protos.sh "$$tmp" >/dev/null; \
 	if diff -r -q -x '__pycache__' "$$tmp/imagemesh" imagemesh | grep -E '_pb2|__init__' | grep -v '^Only in imagemesh: [a-z_]*\.py$$' | grep -v '^Only in imagemesh: \(py.typed\|__pycache__\)'; then \
 		echo "generated code is stale: run 'make protos' and commit"; rm -rf "$$tmp"; exit 1; \
+	fi; bash scripts/gen_go.sh "$$tmp/go" >/dev/null; \
+	if ! diff -r -q "$$tmp/go" clients/go/gen; then \
+		echo "generated Go code is stale: run 'make protos' and commit"; rm -rf "$$tmp"; exit 1; \
 	fi; rm -rf "$$tmp"; echo "generated code is up to date"
 
 lint: venv tools
@@ -47,6 +51,7 @@ lint: venv tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	cd protos && "$$(bash ../deploy/local/tools.sh path buf)" lint
+	cd clients/go && test -z "$$(gofmt -l .)" && go vet ./...
 
 format: venv
 	$(VENV)/bin/ruff format .

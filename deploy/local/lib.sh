@@ -31,7 +31,9 @@ go_binary_name() {
     GRPCURL) echo grpcurl ;;
     GHZ) echo ghz ;;
     HEALTH_PROBE) echo grpc-health-probe ;;
-    *) die "unknown Go tool NAME '$1' (expected one of MINIO SEAWEED BUF GRPCURL GHZ HEALTH_PROBE)" ;;
+    PROTOC_GEN_GO) echo protoc-gen-go ;;
+    PROTOC_GEN_GO_GRPC) echo protoc-gen-go-grpc ;;
+    *) die "unknown Go tool NAME '$1' (expected one of MINIO SEAWEED BUF GRPCURL GHZ HEALTH_PROBE PROTOC_GEN_GO PROTOC_GEN_GO_GRPC)" ;;
   esac
 }
 

@@ -12,7 +12,7 @@ set -euo pipefail
 # shellcheck source=deploy/local/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-GRPC_TOOLS="BUF GRPCURL GHZ HEALTH_PROBE"
+GRPC_TOOLS="BUF GRPCURL GHZ HEALTH_PROBE PROTOC_GEN_GO PROTOC_GEN_GO_GRPC"
 
 canonical_name() {
   case "$1" in
@@ -22,6 +22,8 @@ canonical_name() {
     grpc-health-probe | grpc_health_probe | health-probe | HEALTH_PROBE) echo HEALTH_PROBE ;;
     minio | MINIO) echo MINIO ;;
     weed | seaweed | SEAWEED) echo SEAWEED ;;
+    protoc-gen-go | PROTOC_GEN_GO) echo PROTOC_GEN_GO ;;
+    protoc-gen-go-grpc | PROTOC_GEN_GO_GRPC) echo PROTOC_GEN_GO_GRPC ;;
     *) die "unknown tool '$1' (known: buf grpcurl ghz grpc-health-probe minio weed)" ;;
   esac
 }
