@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from demo_inference import step_classify
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
@@ -67,6 +68,7 @@ def step_health(address: str) -> None:
 STEPS: list[tuple[str, Callable[[str], None]]] = [
     ("services the mesh exposes", step_services),
     ("health of each service", step_health),
+    ("classify a few images (InferenceService)", step_classify),
 ]
 
 
@@ -76,6 +78,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="imagemesh-demo-") as data:
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = data
+        # Steps that run the CLI (e.g. publishing a model) must reach the mesh's data too.
+        os.environ["XDG_DATA_HOME"] = data
         env.setdefault("IMAGEMESH_SERVER__LOG_LEVEL", "WARNING")
         log_path = Path(data) / "mesh.log"
         console.rule("imagemesh demo (embedded defaults: local folder, SQLite, Spark local[*])")

@@ -25,6 +25,8 @@ Command = Callable[[argparse.Namespace, Settings | None], int]
 COMMAND_MODULES = [
     "imagemesh.cli.serve",
     "imagemesh.cli.health",
+    "imagemesh.cli.models",
+    "imagemesh.cli.classify",
 ]
 
 
