@@ -1,0 +1,208 @@
+"""The trainer's heavy stages, in process or on Spark, with the same per-partition code.
+
+- `inspect_*`: the per-image half of cleaning (read, verify, decode, hash pixels).
+- `extract_*`: backbone features of images not yet cached, written as shards to the cache.
+
+On Spark the driver only ships image hashes; each task reads its images from the object store
+itself and writes its feature shard there, so no pixels and no features cross the driver. The
+object store and the backbone are cached per Python worker (`imagemesh.spark.worker`) and
+outlive tasks and jobs; the backbone is loaded from the weights stored under its identity, so
+every worker runs exactly the network the driver publishes. TensorFlow is imported inside
+the task functions only (Spark forks its workers; TensorFlow is not fork-safe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from imagemesh.config import StorageSettings
+
+from .clean import Inspected, inspect_image, inspect_images
+from .features import BackboneSpec, Extractor, FeatureCache, FeatureStore, load_backbone
+from .images import ImageReader, LabelledImage, UndecodableImage, decode_pixels, image_key
+
+__all__ = [
+    "extract_local",
+    "extract_spark",
+    "inspect_local",
+    "inspect_spark",
+    "read_pixels",
+]
+
+Progress = Callable[[int], None]
+
+
+def read_pixels(
+    store: ImageReader, shas: Sequence[str], size: tuple[int, int], *, io_threads: int = 8
+) -> np.ndarray:
+    """uint8 (n, h, w, 3) pixels of the images, read in threads; raises if one is unreadable."""
+
+    def read(sha: str) -> np.ndarray:
+        return decode_pixels(store.get_bytes(image_key(sha)), size)
+
+    height, width = size
+    if not shas:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(io_threads) as pool:
+        return np.stack(list(pool.map(read, shas)))
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- in process -----------------------------------------------------------------------------
+
+
+def inspect_local(
+    store: ImageReader,
+    records: Sequence[LabelledImage],
+    size: tuple[int, int],
+    progress: Progress | None = None,
+    chunk: int = 1024,
+) -> list[Inspected]:
+    """The cleaning inspection of every image, in this process."""
+    result: list[Inspected] = []
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        result.extend(inspect_images(store, part, size))
+        if progress:
+            progress(len(part))
+    return result
+
+
+def extract_local(
+    store: FeatureStore,
+    spec: BackboneSpec,
+    shas: Sequence[str],
+    *,
+    shard_images: int = 256,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+    extractor: Extractor | None = None,
+) -> int:
+    """Extracts and caches the features of `shas` in this process; returns how many."""
+    if not shas:
+        return 0
+    extractor = extractor or Extractor(load_backbone(store, spec), batch_size)
+    cache = FeatureCache(store, spec.identity)
+    for part in _chunks(shas, shard_images):
+        pixels = read_pixels(store, part, spec.input_size)
+        cache.write_shard(list(part), extractor.features(pixels))
+        if progress:
+            progress(len(part))
+    return len(shas)
+
+
+# --- on Spark -------------------------------------------------------------------------------
+
+
+def _worker_store(storage: StorageSettings) -> Any:
+    from inference_service.batch.predictor import open_store_cached
+
+    return open_store_cached(storage)
+
+
+def _worker_extractor(storage: StorageSettings, spec: BackboneSpec, batch_size: int) -> Extractor:
+    from imagemesh.spark.worker import configure_tensorflow, task_cores, worker_cached
+
+    def build() -> Extractor:
+        configure_tensorflow(task_cores(), 1)
+        extractor = Extractor(load_backbone(_worker_store(storage), spec), batch_size)
+        height, width = spec.input_size
+        extractor.features(np.zeros((1, height, width, 3), dtype=np.uint8))  # trace once
+        return extractor
+
+    key = ("trainer-extractor", spec, storage.model_dump_json(), batch_size)
+    return worker_cached(key, build)
+
+
+def _inspect_partition(
+    storage: StorageSettings, size: tuple[int, int], rows: Iterator[tuple[str, str]]
+) -> Iterator[tuple[str, str, str, str]]:
+    store = _worker_store(storage)
+    records = [LabelledImage(sha, label) for sha, label in rows]
+    with ThreadPoolExecutor(8) as pool:
+        for item in pool.map(lambda r: inspect_image(store, r, size), records):
+            yield (item.sha256, item.label, item.pixel_hash, item.problem)
+
+
+def _extract_partition(
+    storage: StorageSettings, spec: BackboneSpec, batch_size: int, shas: Iterator[str]
+) -> Iterator[int]:
+    store = _worker_store(storage)
+    part = list(shas)
+    if not part:
+        return
+    extractor = _worker_extractor(storage, spec, batch_size)
+
+    def read(sha: str) -> np.ndarray | None:
+        try:
+            return decode_pixels(store.get_bytes(image_key(sha)), spec.input_size)
+        except UndecodableImage:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(read, part))
+    good = [(sha, px) for sha, px in zip(part, decoded, strict=True) if px is not None]
+    if good:
+        pixels = np.stack([px for _, px in good])
+        FeatureCache(store, spec.identity).write_shard(
+            [sha for sha, _ in good], extractor.features(pixels)
+        )
+    yield len(good)
+
+
+def _partitions(count: int, per_partition: int, slots: int) -> int:
+    return max(1, min(count, max(slots, math.ceil(count / per_partition))))
+
+
+def inspect_spark(
+    context: Any,
+    storage: StorageSettings,
+    records: Sequence[LabelledImage],
+    size: tuple[int, int],
+    *,
+    partition_images: int = 2048,
+) -> list[Inspected]:
+    """The cleaning inspection of every image, on the Spark application of `context`."""
+    if not records:
+        return []
+    rows = [(r.sha256, r.label) for r in records]
+    slices = _partitions(len(rows), partition_images, int(context.defaultParallelism))
+    context.setJobGroup("trainer-clean", "trainer: inspect images", interruptOnCancel=True)
+    found = (
+        context.parallelize(rows, slices)
+        .mapPartitions(partial(_inspect_partition, storage, size))
+        .collect()
+    )
+    return [Inspected(*row) for row in found]
+
+
+def extract_spark(
+    context: Any,
+    storage: StorageSettings,
+    spec: BackboneSpec,
+    shas: Sequence[str],
+    *,
+    partition_images: int = 256,
+    batch_size: int = 256,
+) -> int:
+    """Extracts and caches the features of `shas` on Spark; returns how many were written."""
+    if not shas:
+        return 0
+    slices = _partitions(len(shas), partition_images, int(context.defaultParallelism))
+    context.setJobGroup("trainer-extract", "trainer: extract features", interruptOnCancel=True)
+    counts = (
+        context.parallelize(list(shas), slices)
+        .mapPartitions(partial(_extract_partition, storage, spec, batch_size))
+        .collect()
+    )
+    return int(sum(counts))
