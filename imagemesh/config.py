@@ -15,7 +15,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -93,6 +100,26 @@ class ServerSettings(_Section):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"
     access_log: bool = True
+    # TLS: a certificate chain and key (PEM) make the port TLS-only; a client CA on top makes
+    # it mutual TLS (clients must present a certificate that CA signed). The same files are
+    # the service's identity when it calls other services, and `tls_ca_file` is whom it
+    # trusts when it does.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_files_make_sense(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist or is not a file")
+        return self
 
     @field_validator("log_level")
     @classmethod

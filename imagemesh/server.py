@@ -16,12 +16,14 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from imagemesh.auth import TokenAuthInterceptor
 from imagemesh.config import Settings
 from imagemesh.interceptors import ObservabilityInterceptor
 
@@ -58,6 +60,18 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
     ]
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    s = settings.server
+    if s.tls_cert_file is None or s.tls_key_file is None:
+        return None
+    client_ca = Path(s.tls_client_ca_file).read_bytes() if s.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class MeshServer:
@@ -122,10 +136,12 @@ def create_server(
 
     `port` overrides the configured one; 0 picks a free port (what tests use).
     """
-    server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(access_log=settings.server.access_log)],
-        options=_channel_options(settings),
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+        ObservabilityInterceptor(access_log=settings.server.access_log)
+    ]
+    if settings.auth_token:
+        interceptors.append(TokenAuthInterceptor(settings.auth_token))
+    server = grpc.aio.server(interceptors=interceptors, options=_channel_options(settings))
     mesh = MeshServer(settings, server, mounts)
     health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
     for mount in mounts:
@@ -136,9 +152,12 @@ def create_server(
         names.extend(mount.extra_names)
     reflection.enable_server_reflection(names, server)
     chosen = settings.server.port if port is None else port
-    bound = server.add_insecure_port(
-        f"{settings.server.host}:{chosen if chosen is not None else 0}"
-    )
+    address = f"{settings.server.host}:{chosen if chosen is not None else 0}"
+    credentials = _server_credentials(settings)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {settings.server.host}:{chosen}")
     return mesh, bound
