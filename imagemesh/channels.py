@@ -14,7 +14,7 @@ import grpc
 from imagemesh.auth import AUTHORIZATION_KEY
 from imagemesh.config import Settings
 
-__all__ = ["channel_options", "open_channel"]
+__all__ = ["channel_options", "open_channel", "open_sync_channel"]
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -73,6 +73,63 @@ def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
             tls, grpc.metadata_call_credentials(_BearerToken(settings.auth_token))
         )
     return grpc.aio.secure_channel(address, creds, options=options)
+
+
+def open_sync_channel(address: str, settings: Settings) -> grpc.Channel:
+    """A blocking channel to `address`, secured as the settings say (CLI, Spark workers)."""
+    options = channel_options(settings)
+    tls = _credentials(settings)
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=options)
+        if settings.auth_token:
+            return grpc.intercept_channel(channel, _SyncToken(settings.auth_token))
+        return channel
+    creds = tls
+    if settings.auth_token:
+        creds = grpc.composite_channel_credentials(
+            tls, grpc.metadata_call_credentials(_BearerToken(settings.auth_token))
+        )
+    return grpc.secure_channel(address, creds, options=options)
+
+
+class _SyncToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the bearer token to every call on a plaintext blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_sync_token(details, self._token), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_sync_token(details, self._token), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_with_sync_token(details, self._token), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_with_sync_token(details, self._token), requests)
+
+
+class _SyncCallDetails(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def _with_sync_token(details: Any, token: str) -> Any:
+    pairs = list(details.metadata or ())
+    pairs.append((AUTHORIZATION_KEY, f"Bearer {token}"))
+    return _SyncCallDetails(details, tuple(pairs))
 
 
 def _with_token(client_call_details: Any, token: str) -> Any:

@@ -186,3 +186,31 @@ def test_tls_settings_are_validated(tmp_path: Path) -> None:
         load_settings(server={"tls_cert_file": __file__})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(server={"tls_ca_file": tmp_path / "nope.pem"})
+
+
+async def test_blocking_channels_carry_the_token_too(embedded_settings: Settings) -> None:
+    import asyncio
+
+    from imagemesh.channels import open_sync_channel
+
+    embedded_settings.auth_token = "s3cret"
+    server, port = build_mesh(embedded_settings, ["search"], port=0)
+    await server.start()
+
+    def list_services(settings: Settings) -> set[str]:
+        with open_sync_channel(f"127.0.0.1:{port}", settings) as chan:
+            stub = reflection_pb2_grpc.ServerReflectionStub(chan)
+            replies = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            return {s.name for r in replies for s in r.list_services_response.service}
+
+    try:
+        names = await asyncio.to_thread(list_services, embedded_settings)
+        assert "imagemesh.search.v1.SearchService" in names
+        wrong = embedded_settings.model_copy(update={"auth_token": "nope"})
+        with pytest.raises(grpc.RpcError) as info:
+            await asyncio.to_thread(list_services, wrong)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    finally:
+        await server.stop(grace=0)
