@@ -43,10 +43,12 @@ async def corpus(stub: search_pb2_grpc.SearchServiceStub) -> list[Doc]:
     reply = await stub.IndexImages(
         search_pb2.IndexImagesRequest(documents=[d.proto() for d in docs], refresh=WAIT)
     )
-    assert reply.indexed_count == len(docs) and not reply.errors
+    assert reply.indexed_count == len(docs)
+    assert not reply.errors
     predictions = [p for d in docs for p in d.prediction_protos()]
     reply2 = await stub.IndexPredictions(
         search_pb2.IndexPredictionsRequest(predictions=predictions, refresh=WAIT)
     )
-    assert reply2.indexed_count == len(predictions) and not reply2.errors
+    assert reply2.indexed_count == len(predictions)
+    assert not reply2.errors
     return docs

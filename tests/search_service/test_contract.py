@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -241,7 +242,9 @@ async def test_reindexing_replaces_metadata_and_keeps_predictions(stub, corpus):
     reply = await stub.IndexImages(search_pb2.IndexImagesRequest(documents=[new], refresh=WAIT))
     assert reply.indexed_count == 1
     got = (await stub.GetImageDocument(search_pb2.GetImageDocumentRequest(name=doc.name))).document
-    assert got.label == "tree" and list(got.tags) == [] and dict(got.attributes) == {"camera": "z"}
+    assert got.label == "tree"
+    assert list(got.tags) == []
+    assert dict(got.attributes) == {"camera": "z"}
     assert {p.model_version for p in got.predictions} == set(doc.predictions)
     # Indexing the same document again leaves one document.
     await stub.IndexImages(search_pb2.IndexImagesRequest(documents=[new, new], refresh=WAIT))
@@ -257,11 +260,13 @@ async def test_a_prediction_replaces_the_one_of_the_same_model_version(stub, cor
             predictions=[search_pb2.ImagePrediction(image=doc.name, prediction=pred)], refresh=WAIT
         )
     )
-    assert reply.indexed_count == 1 and not reply.errors
+    assert reply.indexed_count == 1
+    assert not reply.errors
     got = (await stub.GetImageDocument(search_pb2.GetImageDocumentRequest(name=doc.name))).document
     by_version = {p.model_version: p for p in got.predictions}
     assert len(got.predictions) == len(doc.predictions)
-    assert by_version[V1].top_class == "tree" and by_version[V1].confidence == f32(0.99)
+    assert by_version[V1].top_class == "tree"
+    assert by_version[V1].confidence == f32(0.99)
     flt = F(prediction=P(model_version=V1, classes=["tree"], min_confidence=0.98))
     assert _names(await _search(stub, filter=flt)) == [doc.name]
 
@@ -320,7 +325,7 @@ async def test_delete_removes_documents_and_counts_only_existing_ones(stub, corp
     reply = await stub.DeleteImages(search_pb2.DeleteImagesRequest(names=names, refresh=WAIT))
     assert reply.deleted_count == 2
     assert (await _search(stub)).total_size == len(corpus) - 2
-    with pytest.raises(Exception) as info:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.GetImageDocument(search_pb2.GetImageDocumentRequest(name=corpus[0].name))
     assert info.value.code().name == "NOT_FOUND"
     # Predictions went with the documents: the counts no longer include them.
