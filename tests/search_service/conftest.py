@@ -52,3 +52,13 @@ async def corpus(stub: search_pb2_grpc.SearchServiceStub) -> list[Doc]:
     assert reply2.indexed_count == len(predictions)
     assert not reply2.errors
     return docs
+
+
+@pytest.fixture(params=["sqlite", "elasticsearch"])
+async def short_ttl_stub(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[search_pb2_grpc.SearchServiceStub]:
+    """A search service whose page tokens expire after half a second."""
+    settings = _settings(request, tmp_path, page_token_ttl_s=0.5)
+    async with running_search(settings) as s:
+        yield s
