@@ -60,9 +60,8 @@ def mount(ctx: MeshContext) -> ServiceMount:
                 inference.intra_op_threads, inference.inter_op_threads
             ),
         )
-        max_message = settings.server.max_message_bytes
-        storage = LazyChannel(lambda: ctx.address_of("storage"), max_message)
-        search = LazyChannel(lambda: ctx.address_of("search"), max_message)
+        storage = LazyChannel(lambda: ctx.address_of("storage"), settings)
+        search = LazyChannel(lambda: ctx.address_of("search"), settings)
         resources.update(
             manager=manager, compute=compute, decode=decode, channels=[storage, search]
         )

@@ -16,7 +16,9 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from imagemesh.channels import open_channel
 from imagemesh.common.v1 import common_pb2
+from imagemesh.config import Settings
 from imagemesh.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -37,18 +39,16 @@ __all__ = ["LazyChannel", "SearchPredictions", "StorageImages"]
 class LazyChannel:
     """A `grpc.aio` channel opened on first use (the mesh's address is known only once bound)."""
 
-    def __init__(self, address: Callable[[], str], max_message_bytes: int) -> None:
+    def __init__(self, address: Callable[[], str], settings: Settings) -> None:
         self._address = address
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._settings = settings
         self._channel: grpc.aio.Channel | None = None
 
     def get(self) -> grpc.aio.Channel:
         """The channel, opened if needed."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._address(), options=self._options)
+            # The deployment's TLS and token, as for any service-to-service call.
+            self._channel = open_channel(self._address(), self._settings)
         return self._channel
 
     @property

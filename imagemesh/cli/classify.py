@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from imagemesh.channels import open_sync_channel
 from imagemesh.cli.models import inference_address
 from imagemesh.config import Settings
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> int:
     answers: dict[int, inference_pb2.ClassifyStreamResponse] = {}
     address = inference_address(settings, args.address)
     try:
-        with grpc.insecure_channel(address) as channel, Progress(console=console) as progress:
+        with open_sync_channel(address, settings) as channel, Progress(console=console) as progress:
             task = progress.add_task("classifying", total=len(args.files))
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for answer in stub.ClassifyStream(requests()):

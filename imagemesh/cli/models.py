@@ -16,6 +16,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from imagemesh.channels import open_sync_channel
 from imagemesh.config import Settings
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.mesh import DEFAULT_PORTS
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, settings: Settings | None) -> int:
         if args.models_action == "list":
             return _list(console, settings, args)
         if args.models_action == "select":
-            return _select(console, inference_address(settings, args.address), args.name)
+            return _select(console, settings, inference_address(settings, args.address), args.name)
         return _publish_random(console, settings, args)
     except grpc.RpcError as exc:
         print(f"imagemesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -82,7 +83,7 @@ def _list(console: Console, settings: Settings, args: argparse.Namespace) -> int
     table = Table(title=f"model versions at {address}")
     for column in ("version", "serving", "classes", "input", "backbone", "metrics", "created"):
         table.add_column(column)
-    with grpc.insecure_channel(address) as channel:
+    with open_sync_channel(address, settings) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         token = ""
         while True:
@@ -107,10 +108,10 @@ def _list(console: Console, settings: Settings, args: argparse.Namespace) -> int
     return 0
 
 
-def _select(console: Console, address: str, name: str) -> int:
+def _select(console: Console, settings: Settings, address: str, name: str) -> int:
     with (
         console.status(f"loading and warming up {name}"),
-        grpc.insecure_channel(address) as channel,
+        open_sync_channel(address, settings) as channel,
     ):
         reply = inference_pb2_grpc.InferenceServiceStub(channel).SelectModelVersion(
             inference_pb2.SelectModelVersionRequest(name=name), timeout=600
@@ -147,5 +148,5 @@ def _publish_random(console: Console, settings: Settings, args: argparse.Namespa
         "nothing; train a real model with the trainer"
     )
     if args.select:
-        return _select(console, inference_address(settings, args.address), metadata.name)
+        return _select(console, settings, inference_address(settings, args.address), metadata.name)
     return 0
