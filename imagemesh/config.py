@@ -42,6 +42,7 @@ __all__ = [
     "SparkSettings",
     "StorageBackend",
     "StorageSettings",
+    "TrainerSettings",
     "default_data_dir",
     "load_settings",
 ]
@@ -241,6 +242,19 @@ class InferenceSettings(_Section):
     page_token_secret: str = ""
 
 
+class TrainerSettings(_Section):
+    """The trainer's defaults (`imagemesh train`); command-line options override them."""
+
+    # Clean and extract on Spark (`spark` settings); off runs them in the CLI's process.
+    use_spark: bool = True
+    # The model name new versions are published under.
+    model: str = "default"
+    # Images per backbone call when extracting features.
+    feature_batch_size: int = Field(default=256, ge=1, le=4096)
+    # Images per Spark task (and per cached feature shard) when extracting features.
+    extract_partition_images: int = Field(default=256, ge=1, le=100_000)
+
+
 class Settings(BaseSettings):
     """All of imagemesh's configuration."""
 
@@ -256,6 +270,7 @@ class Settings(BaseSettings):
     search: SearchSettings = Field(default_factory=SearchSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     # Where each service reaches the others when they run as separate processes; empty
     # means "in this process" (the one-process mesh).
     storage_address: str = ""

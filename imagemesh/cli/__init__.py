@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "imagemesh.cli.health",
     "imagemesh.cli.models",
     "imagemesh.cli.classify",
+    "imagemesh.cli.dataset",
+    "imagemesh.cli.train",
 ]
 
 
