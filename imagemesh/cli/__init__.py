@@ -25,6 +25,7 @@ Command = Callable[[argparse.Namespace, Settings | None], int]
 COMMAND_MODULES = [
     "imagemesh.cli.serve",
     "imagemesh.cli.health",
+    "imagemesh.cli.search",
     "imagemesh.cli.models",
     "imagemesh.cli.classify",
     "imagemesh.cli.dataset",

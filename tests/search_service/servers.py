@@ -35,15 +35,24 @@ def search_settings(
 
 
 @contextlib.asynccontextmanager
-async def running_search(settings: Settings) -> AsyncIterator[search_pb2_grpc.SearchServiceStub]:
-    """A started search-only server on port 0 and a stub on a channel to it."""
+async def running_server(settings: Settings) -> AsyncIterator[str]:
+    """A started search-only server on port 0; yields its address."""
     server, port = build_mesh(settings, ["search"], port=0)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield search_pb2_grpc.SearchServiceStub(channel)
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def running_search(settings: Settings) -> AsyncIterator[search_pb2_grpc.SearchServiceStub]:
+    """A started search-only server on port 0 and a stub on a channel to it."""
+    async with (
+        running_server(settings) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        yield search_pb2_grpc.SearchServiceStub(channel)
 
 
 def drop_template(es_url: str, prefix: str) -> None:
