@@ -154,6 +154,16 @@ class StorageSettings(_Section):
     # Secret that signs page tokens; set it in production so tokens survive restarts
     # and cannot be forged. Empty means a random per-process key.
     page_token_secret: str = ""
+    # Where the storage service keeps its local state: the durable search-index outbox
+    # (SQLite) and spill files of large uploads in progress. None means a
+    # `storage-state` folder beside `local_root`. Give it a persistent volume.
+    state_dir: Path | None = None
+    # How many images of one bulk-upload stream are stored at once.
+    bulk_concurrency: int = Field(default=32, ge=1, le=1024)
+
+    def resolved_state_dir(self) -> Path:
+        """`state_dir`, or its default beside `local_root`."""
+        return self.state_dir or Path(self.local_root).parent / "storage-state"
 
 
 class ElasticsearchSettings(_Section):
