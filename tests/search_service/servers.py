@@ -59,9 +59,7 @@ def drop_template(es_url: str, prefix: str) -> None:
     """Removes the index template a test's service created (the indices go with es_index)."""
     client = Elasticsearch(es_url)
     try:
-        client.indices.delete_index_template(name=f"{prefix}-images", ignore_unavailable=True)
-    except Exception:
-        pass
+        client.options(ignore_status=404).indices.delete_index_template(name=f"{prefix}-images")
     finally:
         client.close()
 
