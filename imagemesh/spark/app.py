@@ -110,6 +110,17 @@ class SparkApp:
         session = self._session
         return session is not None and not self._stopped(session)
 
+    def executor_count(self) -> int:
+        """Executors registered with the running application (0 when not running)."""
+        if not self.running:
+            return 0
+        try:
+            status = self._session.sparkContext._jsc.sc().getExecutorMemoryStatus()
+            # The map lists the driver too, except in local mode where the driver is the executor.
+            return max(1, int(status.size())) if self.is_local else int(status.size()) - 1
+        except Exception:  # the JVM is going away
+            return 0
+
     def warm(self) -> None:
         """Starts the application and its executors' Python workers ahead of the first job."""
         context = self.context()

@@ -273,6 +273,7 @@ class BatchJobManager:
                 runner = active.runner
                 active.control.cancelled.set()
         if active is not None:
+            self._jobs.request_cancel(job_id)
             self._persist(record)
             if runner is not None:
                 try:
@@ -283,7 +284,9 @@ class BatchJobManager:
         record = self.get(job_id)
         if record.final:
             return record
-        # Driven by another process: it sees the request at its next heartbeat.
+        # Driven by another process: its workers see the marker, its driver sees the record
+        # at its next heartbeat.
+        self._jobs.request_cancel(job_id)
         record = replace(record, cancel_requested=True)
         self._jobs.put(record)
         return record
@@ -321,6 +324,7 @@ class BatchJobManager:
             with contextlib.suppress(Exception):
                 self._persist(active.record)
         finally:
+            active.control.finished.set()
             with self._lock:
                 self._active.pop(job_id, None)
                 self._threads.pop(job_id, None)
@@ -360,6 +364,7 @@ class BatchJobManager:
             top_k=record.top_k,
             batch_size=self._options.batch_size,
             io_threads=self._options.io_threads,
+            cancel_key=self._jobs.cancel_key(record.job_id),
         )
         outcome = runner.run(spec, names, control) if names else Outcome()
         self._finish(active, outcome, len(names))

@@ -18,11 +18,12 @@ running the same names again (a retried task) overwrites, never duplicates.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,7 +35,15 @@ from .indexer import PredictionIndexer, PredictionToIndex
 from .jobs import MAX_LISTED_FAILURES, ItemFailure
 from .keys import array_object_key, image_object_key, input_array_name, prediction_array_name
 
-__all__ = ["BlobStore", "JobSpec", "Outcome", "Predictor", "classify_names", "describe_error"]
+__all__ = [
+    "BlobStore",
+    "CancelSignal",
+    "JobSpec",
+    "Outcome",
+    "Predictor",
+    "classify_names",
+    "describe_error",
+]
 
 
 class BlobStore(Protocol):
@@ -71,6 +80,8 @@ class JobSpec:
     top_k: int = 5
     batch_size: int = 64
     io_threads: int = 8
+    # An object whose existence asks the job's workers to stop (see `CancelSignal`).
+    cancel_key: str = ""
 
 
 @dataclass
@@ -97,6 +108,31 @@ class Outcome:
             self.failures.extend(other.failures[:room])
         self.stopped = self.stopped or other.stopped
         return self
+
+
+class CancelSignal:
+    """Whether a job's cancel marker exists in the store, checked at most every `every_s`.
+
+    A Spark task cannot see the driver's cancellation flag, and killing its Python worker
+    takes seconds; the marker lets every worker stop after the batch in hand, with its
+    finished images written, indexed and counted.
+    """
+
+    def __init__(self, store: Any, key: str, every_s: float = 0.5) -> None:
+        self._store = store
+        self._key = key
+        self._every_s = every_s
+        self._checked = 0.0
+        self._set = False
+
+    def __call__(self) -> bool:
+        if self._set or not self._key:
+            return self._set
+        now = time.monotonic()
+        if now - self._checked >= self._every_s:
+            self._checked = now
+            self._set = bool(self._store.exists(self._key))
+        return self._set
 
 
 def _chunks(names: Iterable[str], size: int) -> Iterator[list[str]]:

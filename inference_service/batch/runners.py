@@ -22,6 +22,8 @@ class RunControl:
     job_group: str
     report: Callable[[Outcome], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by the manager once the runner returned (however it ended).
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class JobRunner(Protocol):

@@ -29,11 +29,11 @@ from typing import Any
 from pyspark.accumulators import AccumulatorParam
 
 from imagemesh.errors import Unavailable
-from imagemesh.spark.app import SparkApp
+from imagemesh.spark.app import SparkApp, SparkMasterUnavailable
 
 from .indexer import cached_indexer
 from .jobs import MAX_LISTED_FAILURES, ItemFailure
-from .pipeline import JobSpec, Outcome, classify_names
+from .pipeline import CancelSignal, JobSpec, Outcome, classify_names
 from .predictor import cached_predictor, open_store_cached
 from .runners import RunControl
 
@@ -76,13 +76,23 @@ def partition_count(names: int, partition_images: int, slots: int) -> int:
 
 
 def _run_partition(spec: JobSpec, accumulator: Any, names: Iterator[str]) -> None:
-    """A Spark task: classify this partition's names and add the outcome to the accumulator."""
+    """A Spark task: classify this partition's names and add the outcome to the accumulator.
+
+    A task that starts after the job's cancel marker appeared does nothing; a running one
+    stops after its batch in hand.
+    """
+    store = open_store_cached(spec.storage)
+    should_stop = CancelSignal(store, spec.cancel_key)
+    if should_stop():
+        accumulator.add((0, 0, ()))
+        return
     outcome = classify_names(
         names,
         spec,
         cached_predictor(spec.model_version, spec.storage, spec.batch_size),
-        open_store_cached(spec.storage),
+        store,
         cached_indexer(spec.search_address),
+        should_stop=should_stop,
     )
     accumulator.add(_tally(outcome))
 
@@ -92,14 +102,23 @@ class SparkRunner:
 
     mode_name = "SPARK"
 
-    def __init__(self, app: SparkApp, partition_images: int = 256) -> None:
+    def __init__(
+        self, app: SparkApp, partition_images: int = 256, cancel_grace_s: float = 10.0
+    ) -> None:
         self.app = app
         self.partition_images = partition_images
+        self.cancel_grace_s = cancel_grace_s
         self._cancel_lock = threading.Lock()
 
     def run(self, spec: JobSpec, names: Sequence[str], control: RunControl) -> Outcome:
         """Classifies `names` on Spark; see `JobRunner.run`."""
-        self.app.check_master()
+        try:
+            self.app.check_master()
+        except SparkMasterUnavailable:
+            # An application whose master went away has lost (or will lose) its executors:
+            # drop it, off this thread so the job fails at once, and start afresh next time.
+            threading.Thread(target=self.app.stop, name="spark-stop", daemon=True).start()
+            raise
         context = self.app.context()
         if control.cancelled.is_set():
             return Outcome(stopped=True)
@@ -124,6 +143,7 @@ class SparkRunner:
             rdd.foreachPartition(partial(_run_partition, spec, accumulator))
         except Exception as exc:
             if control.cancelled.is_set():
+                # Killed through the job group: the counts are those of the tasks that ended.
                 final = _outcome(accumulator.value)
                 final.stopped = True
                 return final
@@ -136,14 +156,24 @@ class SparkRunner:
             done.set()
             poller.join()
             context.setLocalProperty("spark.jobGroup.id", None)
-        return _outcome(accumulator.value)
+        final = _outcome(accumulator.value)
+        final.stopped = control.cancelled.is_set()
+        return final
 
     def cancel(self, control: RunControl) -> None:
-        """Cancels the job's Spark job group: its running tasks are interrupted."""
+        """Stops the job: workers see its cancel marker (the manager wrote it) and finish the
+        batch in hand; tasks still running after `cancel_grace_s` are killed through the job
+        group (interrupting them), so a stuck task cannot hold the cancellation."""
         control.cancelled.set()
-        with self._cancel_lock:
-            if self.app.running:
-                self.app.context().cancelJobGroup(control.job_group)
+
+        def kill_stragglers() -> None:
+            if control.finished.wait(self.cancel_grace_s):
+                return
+            with self._cancel_lock:
+                if self.app.running:
+                    self.app.context().cancelJobGroup(control.job_group)
+
+        threading.Thread(target=kill_stragglers, name="spark-cancel", daemon=True).start()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,6 +8,8 @@ Layout:
                                           (up to 100,000 names stay out of the record that is
                                           rewritten every few seconds)
     job-requests/{sha256(request_id)}     the job a client's idempotency key created
+    job-cancels/{job_id}                  exists once a cancellation was asked: the job's
+                                          workers (Spark tasks included) poll it and stop
 
 Ids sort by creation time, so listing newest first needs only the keys, not every record.
 Writes are whole-object and atomic (the `ObjectStore` contract): a reader sees the previous
@@ -32,6 +34,7 @@ __all__ = ["JobObjectStore", "JobStore"]
 _JOBS = "jobs/"
 _SELECTIONS = "job-selections/"
 _REQUESTS = "job-requests/"
+_CANCELS = "job-cancels/"
 
 
 class JobObjectStore(Protocol):
@@ -101,6 +104,15 @@ class JobStore:
                 record, selection=replace(record.selection, names=self._names_of(job_id))
             )
         return record
+
+    @staticmethod
+    def cancel_key(job_id: str) -> str:
+        """The key of the job's cancel marker."""
+        return f"{_CANCELS}{job_id}"
+
+    def request_cancel(self, job_id: str) -> None:
+        """Writes the job's cancel marker (idempotent)."""
+        self._store.put_bytes(self.cancel_key(job_id), b"cancel", "text/plain")
 
     def job_for_request(self, request_id: str) -> str | None:
         """The id of the job created with this idempotency key, if any."""
