@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from demo_inference import step_classify
 from demo_search import step_search
+from demo_train import step_train
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
@@ -69,6 +70,7 @@ def step_health(address: str) -> None:
 STEPS: list[tuple[str, Callable[[str], None]]] = [
     ("services the mesh exposes", step_services),
     ("health of each service", step_health),
+    ("train a classifier on a generated dataset (trainer)", step_train),
     ("classify a few images (InferenceService)", step_classify),
     ("search with per-class counts (SearchService)", step_search),
 ]

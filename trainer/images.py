@@ -1,6 +1,7 @@
 """Labelled images as the trainer sees them: a content hash, a label, and bytes in the store.
 
-Images live in the object store as `images/{sha256}` (StorageService's layout); a dataset is a
+Images live in the object store as `images/{sha[:2]}/{sha256}` (StorageService's layout,
+`storage_service/layout.py`); a dataset is a
 list of `LabelledImage`s, whatever produced it (StorageService's ListImages, a generated set,
 a folder import). Decoding is strict: anything Pillow cannot open as an image, or that does
 not match its content hash, is `UndecodableImage`.
@@ -55,8 +56,10 @@ class _ImageWriter(Protocol):
 
 
 def image_key(sha256: str) -> str:
-    """The object key of the image `images/{sha256}`."""
-    return f"images/{sha256}"
+    """The object key of the bytes of the image `images/{sha256}`: StorageService's layout
+    (`images/{sha[:2]}/{sha}`, a two-character fan-out), so the trainer and Spark workers read
+    the very objects StorageService wrote."""
+    return f"images/{sha256[:2]}/{sha256}"
 
 
 def decode_pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:

@@ -20,6 +20,7 @@ Progress goes to a `Progress` sink, one stage at a time, so the CLI can draw bar
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -32,8 +33,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from imagemesh.config import StorageSettings
+from imagemesh.errors import NotFound
 
-from .clean import CleanResult, finish_clean
+from .clean import CleanResult, Inspected, finish_clean
 from .distributed import extract_local, extract_spark, inspect_local, inspect_spark, read_pixels
 from .evaluate import Evaluation, evaluate, plot_confusion
 from .features import BackboneSpec, Extractor, FeatureCache, FeatureStore, load_backbone
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 STAGES = ("clean", "extract", "train", "evaluate", "publish")
+INSPECTIONS_PREFIX = "reports/inspections/"
 
 
 class Progress(Protocol):
@@ -191,18 +194,23 @@ def run_training(
     progress = progress or NullProgress()
     clock = _Clock()
     spec = BackboneSpec(options.input_size, options.weights, options.seed)
-    context = spark_context() if spark_context is not None else None
 
     # 1. clean
     clock.start()
     progress.start("clean", len(records))
-    if context is not None:
-        inspected = inspect_spark(context, storage, records, options.input_size)
-        progress.advance("clean", len(records))
+    cached_inspection = _cached_inspection(store, records, options.input_size)
+    if cached_inspection is not None:
+        inspected = cached_inspection
+        progress.advance("clean", len(records), "from the inspection cache")
     else:
-        inspected = inspect_local(
-            store, records, options.input_size, lambda n: progress.advance("clean", n)
-        )
+        if spark_context is not None:
+            inspected = inspect_spark(spark_context(), storage, records, options.input_size)
+            progress.advance("clean", len(records))
+        else:
+            inspected = inspect_local(
+                store, records, options.input_size, lambda n: progress.advance("clean", n)
+            )
+        _store_inspection(store, records, options.input_size, inspected)
     cleaned: CleanResult = finish_clean(
         inspected,
         class_names=options.class_names,
@@ -232,8 +240,9 @@ def run_training(
         missing = cache.missing(train_shas + val_shas)
         cached = len(set(train_shas + val_shas)) - len(missing)
         progress.start("extract", len(missing))
-        if missing and context is not None:
-            extracted = extract_spark(context, storage, spec, missing)
+        if missing and spark_context is not None:
+            # Spark starts only when there is work for it: a rerun on cached data never pays it.
+            extracted = extract_spark(spark_context(), storage, spec, missing)
             progress.advance("extract", len(missing))
         elif missing:
             extracted = extract_local(
@@ -393,6 +402,35 @@ def run_training(
     clock.stop("publish")
     report.stage_seconds = clock.seconds
     return report
+
+
+def _inspection_key(records: Sequence[LabelledImage], size: tuple[int, int]) -> str:
+    # Images are content-addressed and immutable, so inspecting the same (image, label) list at
+    # the same size always finds the same: the result is cached under a digest of the list.
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(f"{record.sha256}:{record.label}\n".encode())
+    return f"{INSPECTIONS_PREFIX}{size[0]}x{size[1]}/{digest.hexdigest()}.json"
+
+
+def _cached_inspection(
+    store: FeatureStore, records: Sequence[LabelledImage], size: tuple[int, int]
+) -> list[Inspected] | None:
+    try:
+        rows = json.loads(store.get_bytes(_inspection_key(records, size)))
+    except NotFound:
+        return None
+    return [Inspected(*row) for row in rows]
+
+
+def _store_inspection(
+    store: FeatureStore,
+    records: Sequence[LabelledImage],
+    size: tuple[int, int],
+    inspected: Sequence[Inspected],
+) -> None:
+    rows = [[i.sha256, i.label, i.pixel_hash, i.problem] for i in inspected]
+    store.put_bytes(_inspection_key(records, size), json.dumps(rows).encode())
 
 
 def _pixel_epochs(

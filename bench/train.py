@@ -1,0 +1,204 @@
+"""Benchmark of the trainer, every figure and its baseline measured in the same run.
+
+    .venv/bin/python -m bench.train [--quick] [--spark-master URL]
+
+- `head_epoch_s`: one head-training epoch over 163,989 synthetic 1,024-feature vectors (the
+  seed's training-set size) with `trainer.head.train_head`, steady state (after the first
+  epoch, which also traces); baselines in the same run: Keras `fit` at batch 256
+  (`keras_fit_epoch_s`) and the seed's 11 min 23 s (`ratio_vs_seed_epoch`).
+- `ratio_feature_extraction`: feature extraction on Spark (workers read the images from the
+  object store, decode, extract, write `.npy` shards), warm application, against raw
+  in-process inference of the backbone on pixels already in memory (batch 256, `tf.function`).
+- `seed_way_epoch_s`: the seed's way for reference, one epoch of head training with the frozen
+  backbone run end to end on pixels (Keras `fit`, batch 256), extrapolated to 163,989 images.
+- `val_accuracy_head_random_backbone`: head-only training on a RANDOMLY INITIALISED DenseNet121
+  (no ImageNet weights offline), on the generated set; honestly low.
+- `val_accuracy_best`: the best configuration here (`best_config`), the basic CNN on pixels.
+- `speedup_second_run`: end-to-end `run_training` (Spark started by the run, clean, extract,
+  head, evaluate, publish) on the same dataset, first run against second (cached inspection
+  and features; Spark is not even started).
+
+Full: 12,500 generated images (10,000 train / 2,500 validation). `--quick`: 1,000 images and
+fewer epochs (accuracies are real, on that smaller set). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED_EPOCH_S = 11 * 60 + 23
+SEED_TRAIN_IMAGES = 163_989
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_head_epoch(quick: bool) -> dict[str, float]:
+    import keras
+
+    from inference_service.model.densenet import build_head
+    from trainer.head import HeadConfig, train_head
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (5, 1024)).astype(np.float32)
+    labels = rng.integers(0, 5, SEED_TRAIN_IMAGES).astype(np.int32)
+    features = centres[labels] + rng.normal(0, 2.0, (SEED_TRAIN_IMAGES, 1024)).astype(np.float32)
+    val_labels = rng.integers(0, 5, 4096).astype(np.int32)
+    val = centres[val_labels] + rng.normal(0, 2.0, (4096, 1024)).astype(np.float32)
+    result = train_head(
+        features,
+        labels,
+        val,
+        val_labels,
+        num_classes=5,
+        config=HeadConfig(epochs=3 if quick else 5, batch_size=1024, patience=100),
+    )
+    steady = [s.seconds for s in result.history[1:]]
+    head = build_head(5, seed=0)
+    head.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    started = time.perf_counter()
+    head.fit(features, labels, batch_size=256, epochs=1, verbose=0)
+    keras_fit = time.perf_counter() - started
+    del features
+    keras.backend.clear_session()
+    return {
+        "head_epoch_s": round(float(np.median(steady)), 3),
+        "head_epoch_first_s": round(result.history[0].seconds, 3),
+        "keras_fit_epoch_s": round(keras_fit, 3),
+        "ratio_vs_keras_fit": round(keras_fit / float(np.median(steady)), 2),
+        "ratio_vs_seed_epoch": round(SEED_EPOCH_S / float(np.median(steady)), 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--spark-master", default="local[2]")
+    args = parser.parse_args()
+    quick = args.quick
+    images = 1000 if quick else 12_500
+    figures: dict[str, Any] = {"bench": "train", "quick": quick, "images": images}
+
+    _log("head epoch on 163,989 synthetic feature vectors ...")
+    figures.update(bench_head_epoch(quick))
+
+    from imagemesh.config import SparkSettings, StorageSettings
+    from imagemesh.spark.app import SparkApp
+    from storage_service.backends import open_object_store
+    from trainer.distributed import extract_spark, read_pixels
+    from trainer.features import BackboneSpec, Extractor, load_backbone
+    from trainer.head import HeadConfig
+    from trainer.images import put_generated
+    from trainer.networks import PixelTrainConfig
+    from trainer.pipeline import TrainOptions, run_training
+
+    with tempfile.TemporaryDirectory(prefix="imagemesh-bench-train-") as tmp:
+        storage = StorageSettings(local_root=Path(tmp) / "objects")
+        store = open_object_store(storage)
+        _log(f"generating {images} images ...")
+        records = put_generated(store, images, seed=11)
+        spark = SparkSettings(master=args.spark_master, app_name="bench-train")
+
+        _log("first run (Spark: clean, extract; head; publish) ...")
+        options = TrainOptions(model="bench", head=HeadConfig(epochs=30, patience=5))
+        first_app = SparkApp(spark)
+        started = time.perf_counter()
+        first = run_training(
+            records,
+            store=store,
+            storage=storage,
+            options=options,
+            spark_context=first_app.context,
+        )
+        first_s = time.perf_counter() - started
+        figures["val_accuracy_head_random_backbone"] = round(first.evaluation.accuracy, 4)
+        figures["first_run_s"] = round(first_s, 2)
+        figures["first_run_stage_s"] = first.stage_seconds
+
+        _log("feature extraction: raw in-process vs Spark (warm) ...")
+        count = 512 if quick else 2048
+        spec = BackboneSpec((32, 32), None, seed=101)  # a fresh identity: nothing cached
+        extractor = Extractor(load_backbone(store, spec), batch_size=256)
+        shas = [r.sha256 for r in records[:count]]
+        pixels = read_pixels(store, shas, (32, 32))
+        extractor.features(pixels[:256])  # trace
+        started = time.perf_counter()
+        extractor.features(pixels)
+        raw_rate = count / (time.perf_counter() - started)
+        context = first_app.context()
+        slots = int(context.defaultParallelism)
+        # Warm: each worker loads this backbone once (it stays cached in the worker).
+        extract_spark(
+            context, storage, spec, [r.sha256 for r in records[-2 * slots :]], partition_images=2
+        )
+        started = time.perf_counter()
+        extract_spark(context, storage, spec, shas, partition_images=256)
+        spark_rate = count / (time.perf_counter() - started)
+        first_app.stop()
+        figures["raw_extract_img_s"] = round(raw_rate, 1)
+        figures["spark_extract_img_s"] = round(spark_rate, 1)
+        figures["ratio_feature_extraction"] = round(spark_rate / raw_rate, 3)
+
+        _log("second run (same dataset, a fresh process's Spark app) ...")
+        second_app = SparkApp(spark)
+        started = time.perf_counter()
+        second = run_training(
+            records,
+            store=store,
+            storage=storage,
+            options=options,
+            spark_context=second_app.context,
+        )
+        second_s = time.perf_counter() - started
+        second_app.stop()
+        figures["second_run_s"] = round(second_s, 2)
+        figures["second_run_stage_s"] = second.stage_seconds
+        figures["second_run_extracted"] = second.extracted
+        figures["speedup_second_run"] = round(first_s / second_s, 2)
+
+        _log("the seed's way: frozen backbone end to end ...")
+        import keras
+
+        from inference_service.model.densenet import build_classifier, build_head
+
+        classifier = build_classifier(extractor.backbone, build_head(5, seed=0))
+        extractor.backbone.trainable = False
+        classifier.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        y = np.zeros(count, dtype=np.int32)
+        classifier.fit(pixels[:256].astype(np.float32), y[:256], batch_size=256, verbose=0)
+        started = time.perf_counter()
+        classifier.fit(pixels.astype(np.float32), y, batch_size=256, epochs=1, verbose=0)
+        rate = count / (time.perf_counter() - started)
+        figures["seed_way_img_s"] = round(rate, 1)
+        figures["seed_way_epoch_s"] = round(SEED_TRAIN_IMAGES / rate, 1)
+        keras.backend.clear_session()
+
+        _log("best configuration: the basic CNN on pixels ...")
+        best = run_training(
+            records,
+            store=store,
+            storage=storage,
+            options=TrainOptions(
+                model="bench-cnn",
+                architecture="basic-cnn",
+                pixels=PixelTrainConfig(epochs=4 if quick else 20, patience=4),
+            ),
+        )
+        figures["best_config"] = "basic-cnn"
+        figures["val_accuracy_best"] = round(best.evaluation.accuracy, 4)
+        figures["best_config_train_s"] = best.stage_seconds.get("train")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
