@@ -737,6 +737,8 @@ class _Spill:
                 metadata=metadata,
             ),
         )
+        # An abandoned write ends with _Aborted, which nobody else may await.
+        self._write.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _chunks(self) -> Iterator[bytes]:
         while True:

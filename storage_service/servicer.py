@@ -8,6 +8,7 @@ are checked here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from datetime import datetime
 
@@ -25,6 +26,8 @@ from storage_service.service import ArrayInfo, StorageDomain, UploadHeader
 __all__ = ["StorageServicer", "image_proto"]
 
 _Context = grpc.aio.ServicerContext[object, object]
+_DRAIN_BYTES = 16 * 1024 * 1024
+_DRAIN_SECONDS = 2.0
 
 _FORMATS = {
     "png": storage_pb2.IMAGE_FORMAT_PNG,
@@ -118,6 +121,22 @@ async def _upload_parts(
     return _header(first.header), chunks()
 
 
+async def _drain_briefly(stream: AsyncIterator[storage_pb2.UploadImageRequest]) -> None:
+    # A client still sending when the server answers may see its own failed write (grpc
+    # reports INTERNAL) instead of our status. Reading what is already on its way, within a
+    # small budget, lets a well-behaved client receive the real reason; a client streaming
+    # gigabytes is cut off after the budget.
+    budget = _DRAIN_BYTES
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for message in stream:
+                budget -= message.ByteSize()
+                if budget <= 0:
+                    return
+    except (TimeoutError, grpc.RpcError, ImageMeshError):
+        return
+
+
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Serves `imagemesh.storage.v1.StorageService` over a `StorageDomain`."""
 
@@ -138,10 +157,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         request_iterator: AsyncIterable[storage_pb2.UploadImageRequest],
         context: _Context,
     ) -> storage_pb2.UploadImageResponse:
+        stream = aiter(request_iterator)
         try:
-            header, chunks = await _upload_parts(request_iterator)
+            header, chunks = await _upload_parts(stream)
             record, duplicate = await self._domain.upload(header, chunks)
         except ImageMeshError as exc:
+            await _drain_briefly(stream)
             await abort_with(context, exc)
         return storage_pb2.UploadImageResponse(image=image_proto(record), duplicate=duplicate)
 

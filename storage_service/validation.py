@@ -228,12 +228,14 @@ def probe_image(
                 ) from exc
             except UnidentifiedImageError as exc:
                 raise _bad_image(
-                    "the bytes are not an image in a supported format "
+                    "the bytes are not a decodable image in a supported format "
                     f"({', '.join(sorted(f.lower() for f in _FORMATS))})",
                     "UNSUPPORTED_IMAGE_FORMAT",
                 ) from exc
             except (OSError, SyntaxError, ValueError) as exc:
-                raise _bad_image(f"the image header is corrupt: {exc}") from exc
+                raise _bad_image(
+                    f"the image is corrupt or truncated: {exc}", "CORRUPT_IMAGE"
+                ) from exc
             with image:
                 facts = _check(image, max_pixels, declared_content_type)
         return facts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 from google.rpc import error_details_pb2
@@ -32,8 +33,26 @@ async def aiter_of(messages: Iterable) -> AsyncIterator:
         yield message
 
 
+async def send_stream(method, messages: Iterable):
+    """Calls a client-streaming RPC, writing `messages` one by one.
+
+    A server may answer before it read everything (e.g. it refused the header); writes
+    after that fail, and the call's own status is what the caller must see.
+    """
+    call = method()
+    for message in messages:
+        try:
+            await call.write(message)
+        except Exception:
+            break
+    else:
+        with contextlib.suppress(Exception):
+            await call.done_writing()
+    return await call
+
+
 async def upload(stub, data: bytes, head=None, chunk: int = CHUNK):
-    return await stub.UploadImage(aiter_of(upload_messages(data, head, chunk)))
+    return await send_stream(stub.UploadImage, upload_messages(data, head, chunk))
 
 
 async def download(stub, name: str, offset: int = 0, length: int = 0) -> tuple[object, bytes]:
