@@ -49,7 +49,7 @@ def mount(ctx: MeshContext) -> ServiceMount:
         state_dir = settings.resolved_state_dir()
         store = open_object_store(settings)
         outbox = Outbox(state_dir / "search-outbox.sqlite3")
-        notifier = SearchNotifier(ctx.address_of("search"))
+        notifier = SearchNotifier(ctx.address_of("search"), ctx.settings)
         drainer = OutboxDrainer(outbox, notifier.send)
         domain = StorageDomain(
             settings, store, outbox, state_dir=state_dir, on_outbox_change=drainer.notify

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import timestamp_pb2
 
+from imagemesh.channels import open_channel
+from imagemesh.config import Settings
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from storage_service.outbox import OutboxOp, SendResult
 from storage_service.records import ImageRecord
@@ -47,14 +49,20 @@ def image_document(record: ImageRecord) -> search_pb2.ImageDocument:
 class SearchNotifier:
     """A SearchService client for index updates; the channel opens on first use."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, settings: Settings | None = None) -> None:
         self.address = address
+        # The deployment's TLS and token settings; None (tools, tests) means plaintext.
+        self._settings = settings
         self._channel: grpc.aio.Channel | None = None
         self._stub: search_pb2_grpc.SearchServiceAsyncStub | None = None
 
     def _client(self) -> search_pb2_grpc.SearchServiceAsyncStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = (
+                open_channel(self.address, self._settings)
+                if self._settings is not None
+                else grpc.aio.insecure_channel(self.address)
+            )
             self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
         return self._stub
 

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "imagemesh.cli.classify",
     "imagemesh.cli.dataset",
     "imagemesh.cli.train",
+    "imagemesh.cli.storage",
 ]
 
 

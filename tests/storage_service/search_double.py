@@ -28,9 +28,13 @@ class RecordingSearchService(search_pb2_grpc.SearchServiceServicer):
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
+        await self.start_at("127.0.0.1:0")
+
+    async def start_at(self, address: str) -> None:
+        """Serves at `address` (port 0 picks a free one)."""
         self._server = grpc.aio.server()
         search_pb2_grpc.add_SearchServiceServicer_to_server(self, self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        port = self._server.add_insecure_port(address)
         self.address = f"127.0.0.1:{port}"
         await self._server.start()
 
