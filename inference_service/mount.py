@@ -14,8 +14,8 @@ from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.mesh import MeshContext
 from imagemesh.page_tokens import PageTokenCodec
 from imagemesh.server import ServiceMount
-from imagemesh.unimplemented import unimplemented_servicer
 
+from .batch.servicer import BatchJobsServicer
 from .batcher import BatcherConfig
 from .decode import ImageLimits
 from .servicer import InferenceServicer
@@ -25,11 +25,14 @@ __all__ = ["SERVICE_NAME", "mount"]
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+class _Servicer(BatchJobsServicer, InferenceServicer):
+    """Every RPC: batch jobs (`batch.servicer`, first in the MRO so that its methods, not the
+    generated UNIMPLEMENTED stubs, serve them) and the online ones (`servicer`)."""
+
+
 def mount(ctx: MeshContext) -> ServiceMount:
-    """The InferenceService for this process; batch-job RPCs answer UNIMPLEMENTED for now."""
-    servicer: Any = unimplemented_servicer(
-        inference_pb2_grpc.InferenceServiceServicer, "InferenceService", keep=InferenceServicer
-    )
+    """The InferenceService for this process."""
+    servicer: Any = _Servicer()
     resources: dict[str, Any] = {}
 
     async def start() -> None:
@@ -79,8 +82,21 @@ def mount(ctx: MeshContext) -> ServiceMount:
             )
         )
         await manager.start(inference.model_version)
+        from .batch.wiring import start_batch_jobs
+
+        batch = await start_batch_jobs(
+            settings,
+            storage_address=ctx.address_of("storage"),
+            search_address=ctx.address_of("search"),
+            model_manager=manager,
+        )
+        resources["batch"] = batch
+        servicer.bind_batch_jobs(batch.manager)
 
     async def stop() -> None:
+        batch = resources.get("batch")
+        if batch is not None:  # first: LOCAL jobs use the model manager's batcher
+            await batch.stop()
         manager = resources.get("manager")
         if manager is not None:
             await manager.close()

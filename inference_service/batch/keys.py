@@ -1,21 +1,30 @@
 """Where batch and online classification store arrays, per model version and image.
 
-The keys are deterministic, so classifying an image again with the same version (a retried
-Spark task, a speculative one, a re-run job, an online `persist`) overwrites the same object
-instead of adding one:
+The array names are deterministic, so classifying an image again with the same version (a
+retried Spark task, a speculative one, a re-run job, an online `persist`) overwrites the same
+object instead of adding one:
 
     arrays/predictions/{model}/{version}/{sha256}.npy   probabilities, float32 (num_classes,)
     arrays/inputs/{model}/{version}/{sha256}.npy        the model's input, float32 (h, w, 3)
 
-Names are `arrays/{key}` resource names; in the object store an array named `arrays/{key}`
-is the object `arrays/{key}` (the storage service's layout).
+Batch workers read images from and write arrays to the object store directly (through the
+storage service they would add a hop per image), so they must follow the storage service's
+object layout exactly: its `storage_service.layout` module is the one source of those keys,
+and it is used here rather than copied.
 """
 
 from __future__ import annotations
 
-from imagemesh.names import parse_model_version
+from imagemesh.names import array_key, parse_model_version
+from storage_service import layout
 
-__all__ = ["array_object_key", "image_object_key", "input_array_name", "prediction_array_name"]
+__all__ = [
+    "array_object_key",
+    "image_link_key",
+    "image_object_key",
+    "input_array_name",
+    "prediction_array_name",
+]
 
 
 def prediction_array_name(model_version: str, sha256: str) -> str:
@@ -32,9 +41,14 @@ def input_array_name(model_version: str, sha256: str) -> str:
 
 def array_object_key(array_name: str) -> str:
     """The object-store key of the array named `arrays/{key}`."""
-    return array_name
+    return layout.array_object_key(array_key(array_name))
+
+
+def image_link_key(sha256: str, array_name: str) -> str:
+    """The marker that ties an array to its image (deleting the image deletes the array)."""
+    return layout.image_link_key(sha256, array_key(array_name))
 
 
 def image_object_key(sha256: str) -> str:
     """The object-store key of the bytes of the image `images/{sha256}`."""
-    return f"images/{sha256}"
+    return layout.image_key(sha256)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -33,7 +33,13 @@ from imagemesh.names import image_sha256
 
 from .indexer import PredictionIndexer, PredictionToIndex
 from .jobs import MAX_LISTED_FAILURES, ItemFailure
-from .keys import array_object_key, image_object_key, input_array_name, prediction_array_name
+from .keys import (
+    array_object_key,
+    image_link_key,
+    image_object_key,
+    input_array_name,
+    prediction_array_name,
+)
 
 __all__ = [
     "BlobStore",
@@ -52,7 +58,14 @@ class BlobStore(Protocol):
     def get_bytes(self, key: str) -> bytes:
         """The object; `imagemesh.errors.NotFound` if absent."""
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = ...) -> None:
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = ...,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         """Writes `data` as `key`, atomically replacing any previous object."""
 
 
@@ -202,17 +215,30 @@ class _Pipeline:
     def read_batch(self, names: list[str]) -> list[Future[_Read]]:
         return [self.io.submit(self.read, name) for name in names]
 
+    def write_array(self, sha256: str, array_name: str, array: np.ndarray) -> None:
+        # As the storage service's PutArray does: the link to the image first (an array must
+        # never exist unknown to its image's deletion), then the array with its facts.
+        self.store.put_bytes(image_link_key(sha256, array_name), b"")
+        self.store.put_bytes(
+            array_object_key(array_name),
+            _npy_bytes(array),
+            "application/x-npy",
+            metadata={
+                "dtype": array.dtype.str,
+                "shape": ",".join(str(n) for n in array.shape),
+                "image": sha256,
+            },
+        )
+
     def write_one(self, read: _Read, probabilities: np.ndarray) -> PredictionToIndex:
         version = self.predictor.model_version
         array_name = prediction_array_name(version, read.sha256)
-        self.store.put_bytes(
-            array_object_key(array_name), _npy_bytes(probabilities), "application/x-npy"
-        )
+        self.write_array(read.sha256, array_name, np.ascontiguousarray(probabilities, "<f4"))
         if self.spec.store_inputs and read.pixels is not None:
-            self.store.put_bytes(
-                array_object_key(input_array_name(version, read.sha256)),
-                _npy_bytes(read.pixels),
-                "application/x-npy",
+            self.write_array(
+                read.sha256,
+                input_array_name(version, read.sha256),
+                np.ascontiguousarray(read.pixels, "<f4"),
             )
         return PredictionToIndex(read.name, probabilities, array_name)
 

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from inference_service.batch.indexer import GrpcPredictionIndexer
-from inference_service.batch.keys import input_array_name, prediction_array_name
+from inference_service.batch.keys import (
+    image_object_key,
+    input_array_name,
+    prediction_array_name,
+)
 from inference_service.batch.pipeline import JobSpec, classify_names
 from inference_service.batch.predictor import cached_predictor
 from inference_service.decode import ImageLimits, decode_image
@@ -50,7 +54,10 @@ def test_every_image_gets_one_npy_matching_the_model_and_one_indexed_prediction(
 
     assert (outcome.processed, outcome.failed, outcome.stopped) == (21, 0, False)
     pixels = np.stack(
-        [decode_image(store.get_bytes(f"images/{n[7:]}"), (32, 32), ImageLimits()) for n in names]
+        [
+            decode_image(store.get_bytes(image_object_key(n[7:])), (32, 32), ImageLimits())
+            for n in names
+        ]
     )
     # Reference: the same model called on the whole set in one batch, in process.
     expected = predictor.predict(pixels)
