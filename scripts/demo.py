@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from demo_batch import step_batch
 from demo_inference import step_classify
 from demo_search import step_search
 from demo_train import step_train
@@ -73,6 +74,7 @@ STEPS: list[tuple[str, Callable[[str], None]]] = [
     ("train a classifier on a generated dataset (trainer)", step_train),
     ("classify a few images (InferenceService)", step_classify),
     ("search with per-class counts (SearchService)", step_search),
+    ("classify the dataset as a Spark batch job, then search its predictions", step_batch),
 ]
 
 

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "imagemesh.cli.dataset",
     "imagemesh.cli.train",
     "imagemesh.cli.storage",
+    "imagemesh.cli.batch",
 ]
 
 

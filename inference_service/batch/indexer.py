@@ -18,7 +18,9 @@ import grpc
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from imagemesh.channels import open_sync_channel
 from imagemesh.common.v1 import common_pb2
+from imagemesh.config import Settings
 from imagemesh.errors import Unavailable
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from imagemesh.spark.worker import worker_cached
@@ -59,12 +61,13 @@ class PredictionIndexer(Protocol):
 class GrpcPredictionIndexer:
     """`PredictionIndexer` over SearchService's gRPC IndexPredictions."""
 
-    def __init__(self, address: str, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, address: str, settings: Settings | None = None, timeout_s: float = 60.0
+    ) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
-        )
+        # The deployment's TLS and token, as every service-to-service channel.
+        self._channel = open_sync_channel(address, settings or Settings())
         self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
 
     def index(
@@ -134,6 +137,7 @@ class GrpcPredictionIndexer:
         self._channel.close()
 
 
-def cached_indexer(address: str) -> GrpcPredictionIndexer:
+def cached_indexer(address: str, settings: Settings | None = None) -> GrpcPredictionIndexer:
     """This process's indexer for `address` (one channel per worker, reused across tasks)."""
-    return worker_cached(("prediction-indexer", address), lambda: GrpcPredictionIndexer(address))
+    key = ("prediction-indexer", address, settings.model_dump_json() if settings else "")
+    return worker_cached(key, lambda: GrpcPredictionIndexer(address, settings))

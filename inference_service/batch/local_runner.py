@@ -33,7 +33,9 @@ class LocalRunner:
         self._predictor_for = predictor_for or (
             lambda spec: cached_predictor(spec.model_version, spec.storage, spec.batch_size)
         )
-        self._indexer_for = indexer_for or (lambda spec: cached_indexer(spec.search_address))
+        self._indexer_for = indexer_for or (
+            lambda spec: cached_indexer(spec.search_address, spec.client)
+        )
         self._store_for = store_for or (lambda spec: open_store_cached(spec.storage))
 
     def run(self, spec: JobSpec, names: Sequence[str], control: RunControl) -> Outcome:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import NoReturn
 
-from imagemesh.config import StorageSettings
+from imagemesh.config import Settings, StorageSettings
 from imagemesh.errors import AlreadyExists, InvalidArgument, NotFound
 from imagemesh.page_tokens import PageTokenCodec
 
@@ -86,6 +86,8 @@ class BatchOptions:
     heartbeat_s: float = 2.0
     lease_s: float = 60.0
     page_token_secret: str = ""
+    # The deployment's settings for the workers' channels to other services (TLS, token).
+    client: Settings | None = None
 
 
 @dataclass
@@ -365,6 +367,7 @@ class BatchJobManager:
             batch_size=self._options.batch_size,
             io_threads=self._options.io_threads,
             cancel_key=self._jobs.cancel_key(record.job_id),
+            client=self._options.client,
         )
         outcome = runner.run(spec, names, control) if names else Outcome()
         self._finish(active, outcome, len(names))

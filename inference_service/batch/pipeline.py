@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imagemesh.config import StorageSettings
+from imagemesh.config import Settings, StorageSettings
 from imagemesh.errors import ImageMeshError, InvalidArgument, NotFound
 from imagemesh.names import image_sha256
 
@@ -95,6 +95,8 @@ class JobSpec:
     io_threads: int = 8
     # An object whose existence asks the job's workers to stop (see `CancelSignal`).
     cancel_key: str = ""
+    # The deployment's settings for service-to-service channels (TLS, token); None: plain.
+    client: Settings | None = None
 
 
 @dataclass

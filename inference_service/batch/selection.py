@@ -16,6 +16,8 @@ from typing import Protocol
 import grpc
 from google.protobuf import json_format
 
+from imagemesh.channels import open_sync_channel
+from imagemesh.config import Settings
 from imagemesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 from imagemesh.names import image_sha256
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
@@ -61,9 +63,16 @@ class SelectionResolver(Protocol):
 class GrpcSelectionResolver:
     """`SelectionResolver` through StorageService (datasets) and SearchService (filters)."""
 
-    def __init__(self, storage_address: str, search_address: str, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        storage_address: str,
+        search_address: str,
+        settings: Settings | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self._storage_address = storage_address
         self._search_address = search_address
+        self._settings = settings or Settings()
         self._timeout_s = timeout_s
 
     def resolve(self, selection: Selection, should_stop: Callable[[], bool]) -> list[str]:
@@ -76,7 +85,7 @@ class GrpcSelectionResolver:
 
     def _dataset(self, dataset: str, should_stop: Callable[[], bool]) -> list[str]:
         names: list[str] = []
-        with grpc.insecure_channel(self._storage_address) as channel:
+        with open_sync_channel(self._storage_address, self._settings) as channel:
             stub = storage_pb2_grpc.StorageServiceStub(channel)
             token = ""
             while not should_stop():
@@ -101,7 +110,7 @@ class GrpcSelectionResolver:
     def _filter(self, document: dict[str, object], should_stop: Callable[[], bool]) -> list[str]:
         image_filter = json_format.ParseDict(document, search_pb2.ImageFilter())
         names: list[str] = []
-        with grpc.insecure_channel(self._search_address) as channel:
+        with open_sync_channel(self._search_address, self._settings) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             token = ""
             while not should_stop():

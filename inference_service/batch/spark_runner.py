@@ -91,7 +91,7 @@ def _run_partition(spec: JobSpec, accumulator: Any, names: Iterator[str]) -> Non
         spec,
         cached_predictor(spec.model_version, spec.storage, spec.batch_size),
         store,
-        cached_indexer(spec.search_address),
+        cached_indexer(spec.search_address, spec.client),
         should_stop=should_stop,
     )
     accumulator.add(_tally(outcome))

@@ -78,8 +78,10 @@ async def start_batch_jobs(
             io_threads=inference.batch_job_io_threads,
             heartbeat_s=inference.batch_job_heartbeat_s,
             lease_s=inference.batch_job_lease_s,
+            page_token_secret=inference.page_token_secret,
+            client=settings,
         ),
-        resolver=GrpcSelectionResolver(storage_address, search_address),
+        resolver=GrpcSelectionResolver(storage_address, search_address, settings),
         local_runner=LocalRunner(
             predictor_for=ServedPredictors(model_manager, asyncio.get_running_loop())
         ),
