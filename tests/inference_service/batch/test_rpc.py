@@ -248,3 +248,48 @@ async def test_bad_requests_get_clear_statuses_and_the_service_keeps_serving(mes
         )
         done = await asyncio.wait_for(_finish(stub, started.job.name), 300)
         assert done.state == inference_pb2.BATCH_JOB_STATE_SUCCEEDED
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "imagemesh",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    output, _ = await process.communicate()
+    return process.returncode, output.decode()
+
+
+async def test_the_cli_starts_follows_lists_and_cancels_jobs(mesh_address, tmp_path):
+    address, _ = mesh_address
+    async with grpc.aio.insecure_channel(address) as channel:
+        names = await _upload(channel, 5)
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names) + "\n")
+
+    code, output = await _cli(
+        "batch", "start", "--images-file", str(names_file), "--mode", "local", "--address", address
+    )
+    assert code == 0, output
+    assert "SUCCEEDED on LOCAL: 5 classified, 0 failed of 5" in output
+    job = output.split("started ")[1].split()[0]
+
+    code, output = await _cli("batch", "list", "--state", "succeeded", "--address", address)
+    assert code == 0
+    assert job in output
+    code, output = await _cli("batch", "watch", job, "--address", address)
+    assert code == 0
+    assert "SUCCEEDED" in output
+    code, output = await _cli("batch", "cancel", job, "--address", address)
+    assert (code, output.strip()) == (0, f"{job}: SUCCEEDED")
+    code, output = await _cli(
+        "batch", "watch", "batchJobs/0000000000000-none", "--address", address
+    )
+    assert code == 1
+    assert "NOT_FOUND" in output
