@@ -8,10 +8,11 @@ all models run one at a time and TensorFlow's own thread pools use the cores.
 
 When to start a batch. Waiting a fixed delay for every batch would add that delay to every call
 at low load; never waiting splits a steady load of N concurrent clients into alternating batches
-(a small one, then the rest) and loses throughput. So the collector waits for the batch to reach
-the size of the previous batch (the concurrency it just observed, capped at `max_batch_size`),
-but never longer than `max_queue_delay` from the moment it started waiting. One client calling
-in a loop gets batches of one with no wait; N clients get batches of N.
+(those that came back first, then the rest) and loses throughput. So the collector waits for
+the batch to reach the concurrency it just observed (the previous batch plus the images that
+arrived while it computed, capped at `max_batch_size`), but never longer than
+`max_queue_delay` from the moment it started waiting. One client calling in a loop gets
+batches of one with no wait; N clients get batches of N.
 
 Guards: the queue is bounded (`ResourceExhausted` with a retry delay when full); an image whose
 deadline passed, or whose caller went away, is dropped before compute.
@@ -246,8 +247,9 @@ class MicroBatcher:
         stats.seconds_per_image = 0.8 * stats.seconds_per_image + 0.2 * (elapsed / n)
         stats.batches += 1
         stats.images += n
-        # The next batch waits for as many images as this one had: the observed concurrency.
-        self._target = n
+        # The observed concurrency: this batch's images plus those that arrived while it ran.
+        # (This batch's size alone would lock a steady load into alternating half batches.)
+        self._target = n + len(self._queue)
         for i, item in enumerate(batch):
             delay = started - item.enqueued
             metrics.QUEUE_DELAY_SECONDS.observe(delay)

@@ -106,7 +106,8 @@ async def test_a_full_queue_refuses_with_a_retry_delay(executor) -> None:
     await asyncio.sleep(0)
     with pytest.raises(ResourceExhausted) as info:
         await batcher.submit(_image(3))
-    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+    assert info.value.retry_after_s is not None
+    assert info.value.retry_after_s > 0
     runner.release.set()
     await asyncio.gather(first, *queued)
     await batcher.close()

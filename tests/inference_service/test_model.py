@@ -56,7 +56,7 @@ def test_weights_origin_names() -> None:
 
 
 def test_a_missing_weights_file_is_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.h5"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.h5"):
         densenet.build_backbone((32, 32), tmp_path / "nope.h5")
 
 
@@ -148,5 +148,5 @@ def test_an_artifact_that_does_not_match_its_metadata_is_refused(
     store.put_bytes(
         "models/default/versions/v3/metadata.json", good.to_json().replace(b'"v1"', b'"v3"')
     )
-    with pytest.raises(FailedPrecondition, match="no model.keras"):
+    with pytest.raises(FailedPrecondition, match=r"no model\.keras"):
         registry.load("models/default/versions/v3")

@@ -102,7 +102,7 @@ async def _good_call_works(served: Served) -> None:
 async def test_serves_the_newest_version_at_start(served: Served) -> None:
     reply = await served.stub.Classify(inference_pb2.ClassifyRequest(content=png(1)))
     assert reply.model_version == served.v2.name
-    assert [c.class_name for c in reply.top_classes][0] in {"cat", "dog", "bird"}
+    assert reply.top_classes[0].class_name in {"cat", "dog", "bird"}
     assert len(reply.top_classes) == 3  # default top_k 5, capped at the class count
 
 
