@@ -26,6 +26,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -233,11 +234,19 @@ def run_training(
     # 2. extract
     clock.start()
     extracted = cached = 0
-    backbone = None
     cache = FeatureCache(store, spec.identity)
+    # Building DenseNet121 takes seconds; it is needed now only to extract. With every feature
+    # cached it is built in the background while the head trains, and joined to publish.
+    builder = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-backbone")
+    backbone_future: Future[Any] | None = None
     if use_features:
-        backbone = load_backbone(store, spec)  # stores the weights workers will load
         missing = cache.missing(train_shas + val_shas)
+        if missing:
+            backbone_future = Future()
+            # Stores the weights under the identity first: the workers load exactly these.
+            backbone_future.set_result(load_backbone(store, spec))
+        else:
+            backbone_future = builder.submit(load_backbone, store, spec)
         cached = len(set(train_shas + val_shas)) - len(missing)
         progress.start("extract", len(missing))
         if missing and spark_context is not None:
@@ -249,7 +258,7 @@ def run_training(
                 store,
                 spec,
                 missing,
-                extractor=Extractor(backbone),
+                extractor=Extractor(backbone_future.result()),
                 progress=lambda n: progress.advance("extract", n),
             )
         progress.finish(
@@ -265,7 +274,7 @@ def run_training(
     head_accuracy: float | None = None
     history: list[dict[str, float]] = []
     if use_features:
-        assert backbone is not None
+        assert backbone_future is not None
         cache.index(refresh=True)
         x_train = cache.load(train_shas)
         x_val = cache.load(val_shas)
@@ -296,7 +305,8 @@ def run_training(
         head_accuracy = head_result.best_val_accuracy
         from inference_service.model.densenet import build_classifier
 
-        classifier = build_classifier(backbone, head_result.head)
+        classifier = build_classifier(backbone_future.result(), head_result.head)
+        builder.shutdown()
         best_accuracy, best_epoch = head_result.best_val_accuracy, head_result.best_epoch
         if options.fine_tune:
             pixels_train = read_pixels(store, train_shas, options.input_size)
@@ -401,6 +411,7 @@ def run_training(
         progress.finish("publish", "skipped (publish disabled)")
     clock.stop("publish")
     report.stage_seconds = clock.seconds
+    builder.shutdown()
     return report
 
 
