@@ -20,6 +20,7 @@ import grpc
 from demo_batch import step_batch
 from demo_inference import step_classify
 from demo_search import step_search
+from demo_storage import step_storage
 from demo_train import step_train
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -71,6 +72,7 @@ def step_health(address: str) -> None:
 STEPS: list[tuple[str, Callable[[str], None]]] = [
     ("services the mesh exposes", step_services),
     ("health of each service", step_health),
+    ("upload a generated dataset through the bulk stream (StorageService)", step_storage),
     ("train a classifier on a generated dataset (trainer)", step_train),
     ("classify a few images (InferenceService)", step_classify),
     ("search with per-class counts (SearchService)", step_search),

@@ -55,6 +55,7 @@ class SearchNotifier:
         self._settings = settings
         self._channel: grpc.aio.Channel | None = None
         self._stub: search_pb2_grpc.SearchServiceAsyncStub | None = None
+        self._failing = False
 
     def _client(self) -> search_pb2_grpc.SearchServiceAsyncStub:
         if self._stub is None:
@@ -125,15 +126,22 @@ class SearchNotifier:
             except grpc.aio.AioRpcError as exc:
                 retry_later = True
                 self._log_failure("IndexImages", len(indexes), exc)
+        if not retry_later and self._failing:
+            self._failing = False
+            _log.warning(
+                "SearchService at %s reachable again; the index is catching up", self.address
+            )
         # Updates that are not index/delete (none today) must not block the queue.
         done.extend(op for op in ops if op.kind == "index" and op.document is None)
         return SendResult(done=done, retry_later=retry_later)
 
     def _log_failure(self, rpc: str, count: int, exc: grpc.aio.AioRpcError) -> None:
-        level = logging.DEBUG if exc.code() == grpc.StatusCode.UNIMPLEMENTED else logging.WARNING
+        # One warning per outage, not one per retry; the outbox keeps the updates meanwhile.
+        level = logging.DEBUG if self._failing else logging.WARNING
+        self._failing = True
         _log.log(
             level,
-            "SearchService.%s at %s failed for %d images (%s: %s); will retry",
+            "SearchService.%s at %s failed for %d images (%s: %s); retrying with backoff",
             rpc,
             self.address,
             count,

@@ -385,7 +385,9 @@ class StorageDomain:
             await spill.abort()
             return spill.duplicate_of, True
         spill.close_file()
-        if not spill.streaming:
+        if spill.streaming:
+            await spill.end_of_data()  # the store sends its last part while we validate
+        else:
             existing = await self._run(self._read_record, sha)
             if existing is not None:
                 return existing, True
@@ -735,6 +737,7 @@ class _Spill:
                 None,
                 content_type or "application/octet-stream",
                 metadata=metadata,
+                before_commit=self._await_commit,
             ),
         )
         # An abandoned write ends with _Aborted, which nobody else may await.
@@ -749,12 +752,16 @@ class _Spill:
                     raise _Aborted("upload abandoned") from None
                 continue
             if item is _END:
-                while not self._commit.wait(0.2):
-                    if self._abort.is_set():
-                        raise _Aborted("upload abandoned")
                 return
             assert isinstance(item, bytes)
             yield item
+
+    def _await_commit(self) -> None:
+        # Runs in the store's thread once every byte is written: the last part uploads
+        # while the image is validated, and the object appears only if it passed.
+        while not self._commit.wait(0.2):
+            if self._abort.is_set():
+                raise _Aborted("upload abandoned")
 
     def _offer(self, item: object) -> None:
         # Runs in a thread: waits for room, unless the store write has died.
@@ -784,10 +791,12 @@ class _Spill:
         if not self._file.closed:
             self._file.close()
 
-    async def commit(self) -> None:
-        assert self._write is not None
+    async def end_of_data(self) -> None:
         assert self._domain is not None
         await self._domain._run(self._offer, _END)
+
+    async def commit(self) -> None:
+        assert self._write is not None
         self._commit.set()
         await self._write
 

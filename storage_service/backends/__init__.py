@@ -27,7 +27,7 @@ Keys under `models/` belong to the inference service; the storage service never 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -89,11 +89,15 @@ class ObjectStore(Protocol):
         content_type: str = "application/octet-stream",
         *,
         metadata: Mapping[str, str] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         """Writes the concatenated `chunks` as `key`, committing only if iteration ends normally.
 
         `length`, when given, must equal the total; a mismatch raises ValueError and leaves
-        nothing behind.
+        nothing behind. `before_commit`, when given, runs once every byte has been written
+        (to a temp file, or as uploaded S3 parts) and just before the object becomes visible;
+        if it raises, the write is rolled back: callers validate streamed data there while
+        the store's own work is already done.
         """
         ...
 

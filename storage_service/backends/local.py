@@ -132,6 +132,7 @@ class LocalObjectStore:
         content_type: str = "application/octet-stream",
         *,
         metadata: Mapping[str, str] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         """See `ObjectStore.put_stream`."""
 
@@ -142,6 +143,8 @@ class LocalObjectStore:
                 total += len(chunk)
             if length is not None and total != length:
                 raise ValueError(f"put_stream for {key!r}: expected {length} bytes, got {total}")
+            if before_commit is not None:
+                before_commit()
 
         self._write_atomically(key, fill, content_type, metadata)
 

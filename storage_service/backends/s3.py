@@ -9,8 +9,10 @@ on first use if it is missing. Connection failures and 5xx answers become
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -18,7 +20,9 @@ from typing import Any, NoReturn, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import genheaders
 
 from imagemesh.config import S3Settings
 from imagemesh.errors import FailedPrecondition, ImageMeshError, NotFound, Unavailable
@@ -166,25 +170,86 @@ class S3ObjectStore:
         content_type: str = "application/octet-stream",
         *,
         metadata: Mapping[str, str] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
-        """See `ObjectStore.put_stream`."""
+        """See `ObjectStore.put_stream`.
+
+        Parts are uploaded as they fill (three in flight), the last one as soon as `chunks`
+        ends; `before_commit` then runs, and only if it returns is the upload completed.
+        Objects smaller than one part are sent in one PUT after `before_commit`.
+        """
         validate_key(key)
-        reader = _ChunkReader(chunks, length, key)
-        # Length -1 always: the SDK then reads part by part and notices the end itself, and
-        # our reader checks the total, so a stream longer than announced is caught too. Any
-        # exception from the reader makes the SDK abort the multipart upload.
-        self._call(
-            key,
-            lambda: self._client.put_object(
-                self.bucket,
-                key,
-                reader,  # type: ignore[arg-type]
-                -1,
-                content_type=content_type,
-                metadata=_user_metadata(metadata),
-                part_size=self._part_size,
-            ),
-        )
+        self._ensure_bucket()
+        headers = genheaders(_user_metadata(metadata), None, None, None, False)
+        headers["Content-Type"] = content_type or "application/octet-stream"
+        upload_id: str | None = None
+        uploads: list[Future[str]] = []
+        pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="s3-part")
+        # At most this many parts are in flight; the reader waits for room.
+        room = threading.BoundedSemaphore(3)
+        buffer = bytearray()
+        total = 0
+
+        def send(part: bytes, number: int) -> str:
+            try:
+                assert upload_id is not None
+                return str(
+                    self._client._upload_part(self.bucket, key, part, None, upload_id, number)
+                )
+            finally:
+                room.release()
+
+        def flush(part: bytes) -> None:
+            nonlocal upload_id
+            if upload_id is None:
+                upload_id = self._client._create_multipart_upload(self.bucket, key, dict(headers))
+            room.acquire()
+            uploads.append(pool.submit(send, part, len(uploads) + 1))
+
+        try:
+            try:
+                for chunk in chunks:
+                    total += len(chunk)
+                    buffer += chunk
+                    while len(buffer) >= self._part_size:
+                        with memoryview(buffer) as view:  # one copy, not two
+                            part = bytes(view[: self._part_size])
+                        del buffer[: self._part_size]
+                        flush(part)
+                        del part
+                if length is not None and total != length:
+                    raise ValueError(
+                        f"put_stream for {key!r}: expected {length} bytes, got {total}"
+                    )
+                if upload_id is not None and buffer:
+                    flush(bytes(buffer))
+                    buffer.clear()
+                etags = [f.result() for f in uploads]
+                if before_commit is not None:
+                    before_commit()
+                if upload_id is None:
+                    self._client._put_object(self.bucket, key, bytes(buffer), headers)
+                else:
+                    self._client._complete_multipart_upload(
+                        self.bucket,
+                        key,
+                        upload_id,
+                        [Part(number, etag) for number, etag in enumerate(etags, start=1)],
+                    )
+            except BaseException:
+                for future in uploads:
+                    future.cancel()
+                if upload_id is not None:
+                    pool.shutdown(wait=True)
+                    with contextlib.suppress(Exception):
+                        self._client._abort_multipart_upload(self.bucket, key, upload_id)
+                raise
+            finally:
+                pool.shutdown(wait=False)
+        except (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError) as exc:
+            self._raise(exc, key)
+        except OSError as exc:
+            self._raise(exc, key)
 
     def put_file(self, key: str, path: Path) -> None:
         """See `ObjectStore.put_file`."""
@@ -332,38 +397,3 @@ class S3ObjectStore:
 
 class _RangePastEnd(ImageMeshError):
     """Internal: the requested range starts at or past the object's end."""
-
-
-class _ChunkReader:
-    """A file-like `read(n)` over an iterable of chunks, checking the announced length."""
-
-    def __init__(self, chunks: Iterable[bytes], length: int | None, key: str) -> None:
-        self._chunks = iter(chunks)
-        self._length = length
-        self._key = key
-        self._pending = memoryview(b"")
-        self._total = 0
-        self._done = False
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._pending:
-            if self._done:
-                return b""
-            for chunk in self._chunks:
-                if chunk:
-                    self._total += len(chunk)
-                    self._pending = memoryview(chunk)
-                    break
-            else:
-                self._done = True
-                if self._length is not None and self._total != self._length:
-                    raise ValueError(
-                        f"put_stream for {self._key!r}: expected {self._length} bytes, "
-                        f"got {self._total}"
-                    )
-                return b""
-        if size < 0 or size >= len(self._pending):
-            out, self._pending = self._pending, memoryview(b"")
-        else:
-            out, self._pending = self._pending[:size], self._pending[size:]
-        return out.tobytes()

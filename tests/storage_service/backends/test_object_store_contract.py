@@ -287,3 +287,29 @@ def test_list_prefixes_lists_direct_sub_folders(store: ObjectStore) -> None:
     assert list(store.list_prefixes("p/m1/")) == ["p/m1/v1/", "p/m1/v2/"]
     assert list(store.list_prefixes("")) == ["p/", "q/"]
     assert list(store.list_prefixes("none/")) == []
+
+
+@pytest.mark.parametrize("mib", [1, 12])
+def test_before_commit_runs_after_every_byte_and_can_veto(store: ObjectStore, mib: int) -> None:
+    seen: list[int] = []
+    consumed = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal consumed
+        for _ in range(mib):
+            consumed += 1
+            yield os.urandom(MIB)
+
+    def veto() -> None:
+        seen.append(consumed)
+        raise _Abort("image did not validate")
+
+    with pytest.raises(_Abort):
+        store.put_stream("vetoed", chunks(), None, before_commit=veto)
+    assert seen == [mib]
+    assert _all_keys(store) == []
+    store.put_stream("kept", chunks(), None, before_commit=lambda: seen.append(-1))
+    assert seen == [mib, -1]
+    info = store.stat("kept")
+    assert info is not None
+    assert info.size == mib * MIB

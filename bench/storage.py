@@ -1,0 +1,434 @@
+"""Storage benchmark: the StorageService on MinIO against the raw `minio` client on the same
+server, in one run.
+
+1. Large objects: 10 PNG images of 16 MiB each, uploaded through `UploadImage` (1 MiB chunks,
+   SHA-256 announced) and downloaded through `DownloadImage`, vs `put_object` / `get_object`
+   of the same bytes. `ratio_upload_large`, `ratio_download_large` = service MB/s / raw MB/s
+   (goal >= 0.8 each).
+2. Small images: N distinct 32x32 PNGs (10,000; `--quick` 1,000) through one
+   `BulkUploadImages` stream vs sequential `put_object` calls, as a naive client does.
+   `ratio_bulk_small` = service images/s / raw images/s (goal >= 2); `small_images_per_s`.
+3. Memory: the peak RSS of a fresh storage-service process, above its idle RSS, while one
+   client uploads a 1 GiB PNG (16384x8192 RGBA, 16 bits per channel), sampled with psutil
+   every 10 ms. `rss_mib_above_idle_1gib_upload` (goal < 100).
+
+The service runs in its own process (`imagemesh serve storage`), as deployed, on a fresh
+bucket; MinIO is started with deploy/local/engines.sh if it is not running. Progress goes to
+stderr; the last stdout line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from PIL import Image
+from rich.console import Console
+
+from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDPOINT = "127.0.0.1:9000"
+ACCESS_KEY = os.environ.get("IMAGEMESH_S3_ACCESS_KEY", "imagemesh")
+SECRET_KEY = os.environ.get("IMAGEMESH_S3_SECRET_KEY", "imagemesh-secret")
+MIB = 1024 * 1024
+CHUNK = MIB
+LARGE_COUNT = 10
+LARGE_BYTES = 16 * MIB
+
+console = Console(stderr=True)
+
+
+# -- engines and the service process ----------------------------------------------------
+
+
+def _minio_healthy() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 9000), timeout=1):
+            pass
+        Minio(ENDPOINT, ACCESS_KEY, SECRET_KEY, secure=False).list_buckets()
+    except Exception:
+        return False
+    return True
+
+
+def _ensure_minio() -> None:
+    if _minio_healthy():
+        return
+    console.print("starting MinIO with deploy/local/engines.sh up")
+    subprocess.run(
+        [str(ROOT / "deploy/local/engines.sh"), "up"],
+        env={**os.environ, "ENGINES": "minio"},
+        check=True,
+        stdout=sys.stderr,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """`imagemesh serve storage` on MinIO, in its own process."""
+
+    def __init__(self, bucket: str, state_dir: Path) -> None:
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "IMAGEMESH_STORAGE__BACKEND": "s3",
+            "IMAGEMESH_STORAGE__S3__ENDPOINT": ENDPOINT,
+            "IMAGEMESH_STORAGE__S3__ACCESS_KEY": ACCESS_KEY,
+            "IMAGEMESH_STORAGE__S3__SECRET_KEY": SECRET_KEY,
+            "IMAGEMESH_STORAGE__S3__BUCKET": bucket,
+            "IMAGEMESH_STORAGE__STATE_DIR": str(state_dir),
+            # The 1 GiB image has 134 Mpx; the default limit (64 Mpx) would refuse it.
+            "IMAGEMESH_STORAGE__MAX_IMAGE_PIXELS": str(200_000_000),
+            # No search service in this bench: updates wait in the outbox, as in an outage.
+            "IMAGEMESH_SEARCH_ADDRESS": f"127.0.0.1:{_free_port()}",
+            "IMAGEMESH_SERVER__ACCESS_LOG": "false",
+            "IMAGEMESH_SERVER__LOG_LEVEL": "WARNING",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imagemesh", "serve", "storage", "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sys.stderr,
+            cwd=ROOT,
+        )
+        self._wait_serving()
+
+    def _wait_serving(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"storage service exited with {self.proc.returncode}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise SystemExit("storage service did not become SERVING")
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_send_message_length", 64 * MIB),
+                ("grpc.max_receive_message_length", 64 * MIB),
+            ],
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- images ------------------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_stream(width: int, height: int, seed: int, *, bit_depth: int = 8) -> Iterator[bytes]:
+    """A valid RGBA PNG of random pixels, generated piece by piece (never whole in memory).
+
+    Stored (level 0) deflate blocks keep the size ~ width x height x 4 x depth/8 bytes and
+    the generation fast. One random row block is reused, shifted per row by the seed.
+    """
+    row_bytes = width * 4 * bit_depth // 8
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=row_bytes * 2, dtype=np.uint8).tobytes()
+    yield b"\x89PNG\r\n\x1a\n"
+    yield _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 6, 0, 0, 0))
+    compressor = zlib.compressobj(level=0)
+    pending = bytearray()
+    for y in range(height):
+        start = (y * 7919 + seed) % row_bytes
+        pending += b"\x00" + noise[start : start + row_bytes]
+        if len(pending) >= CHUNK:
+            data = compressor.compress(bytes(pending))
+            pending.clear()
+            if data:
+                yield _chunk(b"IDAT", data)
+    data = compressor.compress(bytes(pending)) + compressor.flush()
+    yield _chunk(b"IDAT", data)
+    yield _chunk(b"IEND", b"")
+
+
+def large_png(seed: int) -> bytes:
+    # 2048 x 2048 RGBA at 8 bits = 16 MiB of pixels, stored: ~16 MiB of PNG.
+    return b"".join(png_stream(2048, 2048, seed))
+
+
+def small_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def upload_request_stream(
+    pieces: Iterator[bytes], filename: str, sha: str, size: int
+) -> Iterator[storage_pb2.UploadImageRequest]:
+    yield storage_pb2.UploadImageRequest(
+        header=storage_pb2.UploadImageHeader(
+            filename=filename, dataset="bench", expected_sha256=sha, expected_size_bytes=size
+        )
+    )
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= CHUNK:
+            yield storage_pb2.UploadImageRequest(chunk=bytes(buffer[:CHUNK]))
+            del buffer[:CHUNK]
+    if buffer:
+        yield storage_pb2.UploadImageRequest(chunk=bytes(buffer))
+
+
+def bench_large(
+    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str
+) -> dict[str, float]:
+    images = [large_png(1000 + i) for i in range(LARGE_COUNT + 1)]
+    total_mb = LARGE_COUNT * len(images[0]) / 1e6
+    shas = [hashlib.sha256(d).hexdigest() for d in images]
+
+    def service_put(i: int) -> str:
+        data = images[i]
+        reply = stub.UploadImage(
+            upload_request_stream(iter([data]), f"{i}.png", shas[i], len(data))
+        )
+        return str(reply.image.name)
+
+    def service_get(name: str) -> int:
+        return sum(
+            len(r.chunk) for r in stub.DownloadImage(storage_pb2.DownloadImageRequest(name=name))
+        )
+
+    def raw_put(i: int) -> None:
+        raw.put_object(bucket, f"raw/large/{i}", io.BytesIO(images[i]), len(images[i]))
+
+    def raw_get(i: int) -> int:
+        response = raw.get_object(bucket, f"raw/large/{i}")
+        try:
+            return len(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    # Warm both paths (connections, code) on the extra image, then measure, alternating.
+    warm = service_put(LARGE_COUNT)
+    service_get(warm)
+    raw_put(LARGE_COUNT)
+    raw_get(LARGE_COUNT)
+    started = time.perf_counter()
+    for i in range(LARGE_COUNT):
+        raw_put(i)
+    raw_up = total_mb / (time.perf_counter() - started)
+    started = time.perf_counter()
+    names = [service_put(i) for i in range(LARGE_COUNT)]
+    service_up = total_mb / (time.perf_counter() - started)
+    started = time.perf_counter()
+    assert sum(raw_get(i) for i in range(LARGE_COUNT)) == sum(len(d) for d in images[:-1])
+    raw_down = total_mb / (time.perf_counter() - started)
+    started = time.perf_counter()
+    assert sum(service_get(n) for n in names) == sum(len(d) for d in images[:-1])
+    service_down = total_mb / (time.perf_counter() - started)
+    console.print(
+        f"large: upload service {service_up:.0f} MB/s vs raw {raw_up:.0f} MB/s; "
+        f"download service {service_down:.0f} MB/s vs raw {raw_down:.0f} MB/s"
+    )
+    return {
+        "upload_large_mb_per_s": round(service_up, 1),
+        "raw_upload_large_mb_per_s": round(raw_up, 1),
+        "download_large_mb_per_s": round(service_down, 1),
+        "raw_download_large_mb_per_s": round(raw_down, 1),
+        "ratio_upload_large": round(service_up / raw_up, 3),
+        "ratio_download_large": round(service_down / raw_down, 3),
+    }
+
+
+def bench_small(
+    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str, count: int
+) -> dict[str, float]:
+    # Distinct images for each side, so neither sees duplicates.
+    raw_images = [small_png(i) for i in range(count)]
+    service_images = [small_png(1_000_000 + i) for i in range(count)]
+    started = time.perf_counter()
+    for i, data in enumerate(raw_images):
+        raw.put_object(bucket, f"raw/small/{i}.png", io.BytesIO(data), len(data), "image/png")
+    raw_rate = count / (time.perf_counter() - started)
+
+    def requests() -> Iterator[storage_pb2.BulkUploadImagesRequest]:
+        for i, data in enumerate(service_images):
+            yield storage_pb2.BulkUploadImagesRequest(
+                request_id=str(i),
+                header=storage_pb2.UploadImageHeader(
+                    filename=f"{i}.png", dataset="bench-small", label=str(i % 5)
+                ),
+                content=data,
+            )
+
+    started = time.perf_counter()
+    stored = sum(
+        ack.outcome == storage_pb2.UPLOAD_OUTCOME_STORED
+        for ack in stub.BulkUploadImages(requests())
+    )
+    service_rate = count / (time.perf_counter() - started)
+    if stored != count:
+        raise SystemExit(f"bulk upload stored {stored} of {count} images")
+    console.print(
+        f"small: bulk stream {service_rate:.0f} images/s vs sequential put_object "
+        f"{raw_rate:.0f} images/s ({count} images)"
+    )
+    return {
+        "small_images": count,
+        "small_images_per_s": round(service_rate, 1),
+        "raw_small_images_per_s": round(raw_rate, 1),
+        "ratio_bulk_small": round(service_rate / raw_rate, 3),
+    }
+
+
+def bench_rss(bucket: str, state_dir: Path, size_gib: float) -> dict[str, float]:
+    service = ServiceProcess(bucket, state_dir)
+    try:
+        proc = psutil.Process(service.proc.pid)
+        height = int(8192 * size_gib)
+        width = 16384
+        with service.channel() as channel:
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            # Warm: one small upload, so idle includes the code paths' imports.
+            stub.BulkUploadImages(
+                iter(
+                    [
+                        storage_pb2.BulkUploadImagesRequest(
+                            request_id="w",
+                            header=storage_pb2.UploadImageHeader(filename="w.png"),
+                            content=small_png(42),
+                        )
+                    ]
+                )
+            ).next()
+            time.sleep(0.5)
+            idle = proc.memory_info().rss
+            digest = hashlib.sha256()
+            size = 0
+            for piece in png_stream(width, height, 7, bit_depth=16):
+                digest.update(piece)
+                size += len(piece)
+            peak = idle
+            done = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, proc.memory_info().rss)
+                    time.sleep(0.01)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            started = time.perf_counter()
+            reply = stub.UploadImage(
+                upload_request_stream(
+                    png_stream(width, height, 7, bit_depth=16), "huge.png", digest.hexdigest(), size
+                )
+            )
+            elapsed = time.perf_counter() - started
+            done.set()
+            sampler.join()
+        if reply.image.size_bytes != size:
+            raise SystemExit("the 1 GiB upload was not stored whole")
+        above = (peak - idle) / MIB
+        console.print(
+            f"rss: idle {idle / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB during a "
+            f"{size / MIB:.0f} MiB upload ({size / 1e6 / elapsed:.0f} MB/s): "
+            f"{above:.0f} MiB above idle"
+        )
+        return {
+            "rss_mib_above_idle_1gib_upload": round(above, 1),
+            "rss_idle_mib": round(idle / MIB, 1),
+            "huge_upload_bytes": size,
+            "huge_upload_mb_per_s": round(size / 1e6 / elapsed, 1),
+        }
+    finally:
+        service.stop()
+
+
+def _drop_bucket(raw: Minio, bucket: str) -> None:
+    objects = (
+        DeleteObject(o.object_name)
+        for o in raw.list_objects(bucket, recursive=True)
+        if o.object_name is not None
+    )
+    for error in raw.remove_objects(bucket, objects):
+        console.print(f"cleanup: {error}")
+    raw.remove_bucket(bucket)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 small images (< 1 minute)")
+    parser.add_argument("--small", type=int, help="number of small images (default 10,000)")
+    args = parser.parse_args()
+    small_count = args.small or (1000 if args.quick else 10_000)
+    _ensure_minio()
+    raw = Minio(ENDPOINT, ACCESS_KEY, SECRET_KEY, secure=False)
+    bucket = f"bench-storage-{uuid.uuid4().hex[:12]}"
+    raw.make_bucket(bucket)
+    results: dict[str, Any] = {"bench": "storage", "quick": args.quick}
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagemesh-bench-storage-") as state:
+            service = ServiceProcess(bucket, Path(state) / "a")
+            try:
+                with service.channel() as channel:
+                    stub = storage_pb2_grpc.StorageServiceStub(channel)
+                    results.update(bench_large(stub, raw, bucket))
+                    results.update(bench_small(stub, raw, bucket, small_count))
+            finally:
+                service.stop()
+            results.update(bench_rss(bucket, Path(state) / "b", 1.0))
+    finally:
+        _drop_bucket(raw, bucket)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
