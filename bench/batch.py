@@ -145,9 +145,8 @@ def _prepare(store: Any, count: int, search_address: str) -> tuple[list[str], np
 
 def _baseline(store: Any, pixels: np.ndarray) -> float:
     from inference_service.model.registry import ModelRegistry
-    from inference_service.runtime import compile_model, configure_threads
+    from inference_service.runtime import compile_model
 
-    configure_threads(0, 1)  # every core of this machine, inter-op 1: the best measured
     _, model = ModelRegistry(store).load(VERSION)
     run = compile_model(model)
     run(pixels[:BATCH])
@@ -281,9 +280,12 @@ def main() -> int:
     from inference_service.batch.store import JobStore
     from inference_service.model.densenet import build_untrained_classifier
     from inference_service.model.registry import ModelRegistry
+    from inference_service.runtime import configure_threads
     from storage_service.backends import open_object_store
     from trainer.datasets import CLASS_NAMES
 
+    # Before anything starts TensorFlow here: every core for the in-process baseline.
+    configure_threads(0, 1)
     access = os.environ.get("IMAGEMESH_S3_ACCESS_KEY", "imagemesh")
     secret = os.environ.get("IMAGEMESH_S3_SECRET_KEY", "imagemesh-secret")
     bucket = f"bench-batch-{uuid.uuid4().hex[:10]}"

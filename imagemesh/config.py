@@ -219,6 +219,10 @@ class SparkSettings(_Section):
     # Images per Spark task: small enough that a lost executor costs little work and the
     # progress moves often, large enough that per-task overhead (~20 ms) stays under 1 %.
     partition_images: int = Field(default=256, ge=1, le=100_000)
+    # Start the application and load the serving model in its Python workers when the
+    # service starts (in the background: SERVING is not delayed), so that the first batch job
+    # does not pay the 15-25 s of a cold start.
+    warm_on_start: bool = False
 
 
 class InferenceSettings(_Section):
@@ -235,7 +239,7 @@ class InferenceSettings(_Section):
     # Images per model call in batch jobs (padded to this size so the model traces once).
     batch_job_batch_size: int = Field(default=64, ge=1, le=4096)
     # Threads per batch-job worker reading images and writing arrays (I/O, not compute).
-    batch_job_io_threads: int = Field(default=8, ge=1, le=256)
+    batch_job_io_threads: int = Field(default=16, ge=1, le=256)
     # Seconds between a running job's progress writes to its durable record; a record not
     # refreshed for `batch_job_lease_s` belongs to a service that is gone.
     batch_job_heartbeat_s: float = Field(default=2.0, gt=0, le=60)

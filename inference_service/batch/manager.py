@@ -82,7 +82,7 @@ class BatchOptions:
     search_address: str
     spark_threshold: int = 5000
     batch_size: int = 64
-    io_threads: int = 8
+    io_threads: int = 16
     heartbeat_s: float = 2.0
     lease_s: float = 60.0
     page_token_secret: str = ""

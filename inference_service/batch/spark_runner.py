@@ -97,6 +97,12 @@ def _run_partition(spec: JobSpec, accumulator: Any, names: Iterator[str]) -> Non
     accumulator.add(_tally(outcome))
 
 
+def _warm_partition(spec: JobSpec, _items: Iterator[int]) -> None:
+    cached_predictor(spec.model_version, spec.storage, spec.batch_size)
+    open_store_cached(spec.storage)
+    cached_indexer(spec.search_address, spec.client)
+
+
 class SparkRunner:
     """`JobRunner` on the application `app` keeps warm."""
 
@@ -159,6 +165,14 @@ class SparkRunner:
         final = _outcome(accumulator.value)
         final.stopped = control.cancelled.is_set()
         return final
+
+    def warm(self, spec: JobSpec) -> None:
+        """Starts the application and loads `spec`'s model in its Python workers (one task
+        per slot), so that the next job on that version starts warm."""
+        self.app.check_master()
+        context = self.app.context()
+        slots = max(1, int(context.defaultParallelism))
+        context.parallelize(range(slots), slots).foreachPartition(partial(_warm_partition, spec))
 
     def cancel(self, control: RunControl) -> None:
         """Stops the job: workers see its cancel marker (the manager wrote it) and finish the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from imagemesh.spark.app import SparkApp
 
 from .local_runner import LocalRunner
 from .manager import BatchJobManager, BatchOptions
+from .pipeline import JobSpec
 from .selection import GrpcSelectionResolver
 from .served import ServedPredictors
 from .spark_runner import SparkRunner
@@ -68,6 +70,7 @@ async def start_batch_jobs(
         return str(serving.name)
 
     app = SparkApp(settings.spark)
+    spark_runner = SparkRunner(app, partition_images=settings.spark.partition_images)
     manager = BatchJobManager(
         jobs=JobStore(store),
         options=BatchOptions(
@@ -85,8 +88,26 @@ async def start_batch_jobs(
         local_runner=LocalRunner(
             predictor_for=ServedPredictors(model_manager, asyncio.get_running_loop())
         ),
-        spark_runner=SparkRunner(app, partition_images=settings.spark.partition_images),
+        spark_runner=spark_runner,
         resolve_model=resolve_model,
     )
     await asyncio.to_thread(manager.start)
+    if settings.spark.warm_on_start and model_manager.serving is not None:
+        spec = JobSpec(
+            job_id="warm-up",
+            model_version=str(model_manager.serving.name),
+            storage=settings.storage,
+            search_address=search_address,
+            batch_size=inference.batch_job_batch_size,
+            client=settings,
+        )
+
+        def warm() -> None:
+            try:
+                spark_runner.warm(spec)
+                _log.info("Spark application warm with %s", spec.model_version)
+            except Exception:  # a cold first job is slower, not broken
+                _log.warning("warming the Spark application failed", exc_info=True)
+
+        threading.Thread(target=warm, name="spark-warm", daemon=True).start()
     return BatchJobs(manager=manager, spark=app)
