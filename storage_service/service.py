@@ -288,9 +288,6 @@ class StorageDomain:
     async def _commit_small(
         self, fields: UploadFields, content: bytes, sha: str
     ) -> tuple[ImageRecord, bool]:
-        existing = await self._run(self._read_record, sha)
-        if existing is not None:
-            return existing, True
         max_pixels = self.settings.max_image_pixels
         if len(content) <= _INLINE_PROBE_BYTES:
             facts = probe_image(
@@ -304,16 +301,34 @@ class StorageDomain:
             )
         record = self._new_record(fields, sha, len(content), facts)
         metadata, sidecar = self._metadata_for(record)
+        if sidecar:
+            # A sidecar must not overwrite a stored image's record: look before writing.
+            existing = await self._run(self._read_record, sha)
+            if existing is not None:
+                return existing, True
         await self._log_writes.add((record.dataset, sha, record.generation))
         if sidecar:
             await self._run(
                 self.store.put_bytes, record_sidecar_key(sha), record.to_json(), "application/json"
             )
-        await self._run(
-            lambda: self.store.put_bytes(
+        # One conditional write both stores the image and detects a duplicate: a HEAD per
+        # image would cost a round trip that bulk uploads of new images never need. A
+        # duplicate leaves only a log entry that no longer matches (ignored, compacted away).
+        written = await self._run(
+            lambda: self.store.put_bytes_if_absent(
                 image_key(sha), content, record.content_type, metadata=metadata
             )
         )
+        if not written:
+            existing = await self._run(self._read_record, sha)
+            if existing is not None:
+                return existing, True
+            # Deleted between the write and the read: store it after all.
+            await self._run(
+                lambda: self.store.put_bytes(
+                    image_key(sha), content, record.content_type, metadata=metadata
+                )
+            )
         await self._queue_index(record)
         return record, False
 

@@ -105,6 +105,21 @@ class ObjectStore(Protocol):
         """Writes the file at `path` as `key` (streamed, multipart on S3)."""
         ...
 
+    def put_bytes_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Writes `data` as `key` only if no object `key` exists; True if it wrote.
+
+        One round trip on S3 (a conditional PUT, `If-None-Match: *`), atomic against
+        concurrent writers: of two racing writers exactly one gets True.
+        """
+        ...
+
     def get_bytes(self, key: str) -> bytes:
         """The whole object; NotFound if absent. For small objects only."""
         ...

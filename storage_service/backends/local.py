@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ class LocalObjectStore:
         # throwaway stores may turn it off.
         self._fsync = fsync
         self._staging = self.root / _STAGING
+        self._create_lock = threading.Lock()
         try:
             self._staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -123,6 +125,22 @@ class LocalObjectStore:
             out.write(data)
 
         self._write_atomically(key, fill, content_type, metadata)
+
+    def put_bytes_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """See `ObjectStore.put_bytes_if_absent`."""
+        # One process owns a local folder; the lock makes check-and-write atomic in it.
+        with self._create_lock:
+            if self.exists(key):
+                return False
+            self.put_bytes(key, data, content_type, metadata=metadata)
+            return True
 
     def put_stream(
         self,

@@ -85,6 +85,9 @@ class S3ObjectStore:
             http_client=http,
         )
         self._bucket_ready = False
+        # MinIO, SeaweedFS and AWS honour If-None-Match on PUT; turned off if a server says
+        # it does not implement it.
+        self._conditional_puts = True
         self._bucket_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -161,6 +164,39 @@ class S3ObjectStore:
                 metadata=_user_metadata(metadata),
             ),
         )
+
+    def put_bytes_if_absent(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bool:
+        """See `ObjectStore.put_bytes_if_absent`."""
+        validate_key(key)
+        if not self._conditional_puts:
+            if self.stat(key) is not None:
+                return False
+            self.put_bytes(key, data, content_type, metadata=metadata)
+            return True
+        headers = genheaders(_user_metadata(metadata), None, None, None, False)
+        headers["Content-Type"] = content_type or "application/octet-stream"
+        headers["If-None-Match"] = "*"
+
+        def put() -> bool:
+            try:
+                self._client._put_object(self.bucket, key, data, headers)
+            except S3Error as exc:
+                if exc.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                    return False
+                if exc.code == "NotImplemented":  # a server without conditional writes
+                    self._conditional_puts = False
+                    return self.put_bytes_if_absent(key, data, content_type, metadata=metadata)
+                raise
+            return True
+
+        return self._call(key, put)
 
     def put_stream(
         self,

@@ -313,3 +313,23 @@ def test_before_commit_runs_after_every_byte_and_can_veto(store: ObjectStore, mi
     info = store.stat("kept")
     assert info is not None
     assert info.size == mib * MIB
+
+
+def test_put_bytes_if_absent_writes_once(store: ObjectStore) -> None:
+    assert store.put_bytes_if_absent("once", b"first", "image/png", metadata={"gen": "1"})
+    assert not store.put_bytes_if_absent("once", b"second", metadata={"gen": "2"})
+    assert store.get_bytes("once") == b"first"
+    info = store.stat("once")
+    assert info is not None
+    assert dict(info.metadata) == {"gen": "1"}
+
+
+def test_concurrent_put_bytes_if_absent_has_one_winner(store: ObjectStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(
+            pool.map(lambda i: store.put_bytes_if_absent("race", str(i).encode()), range(8))
+        )
+    assert wins.count(True) == 1
+    assert store.get_bytes("race") == str(wins.index(True)).encode()
