@@ -16,6 +16,7 @@ from imagemesh.mesh import MeshContext
 from imagemesh.server import ServiceMount
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
 from storage_service.backends import open_object_store
+from storage_service.memory import return_large_buffers_to_os
 from storage_service.outbox import Outbox, OutboxDrainer
 from storage_service.search_client import SearchNotifier
 from storage_service.service import StorageDomain
@@ -45,6 +46,7 @@ def mount(ctx: MeshContext) -> ServiceMount:
         storage_pb2_grpc.add_StorageServiceServicer_to_server(servicer, server)
 
     async def start() -> None:
+        return_large_buffers_to_os()
         settings = ctx.settings.storage
         state_dir = settings.resolved_state_dir()
         store = open_object_store(settings)

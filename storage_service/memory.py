@@ -1,0 +1,40 @@
+"""Keeps large transient buffers from pinning memory after a big upload.
+
+glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), so
+after the first 8 MiB multipart buffer is freed, later ones come from malloc arenas, which
+keep the memory (one arena per thread) long after the upload ended: measured here as
+~100 MiB above idle during a 1 GiB upload, against ~60-75 MiB with a fixed 4 MiB
+threshold (see bench/storage.py). A fixed threshold sends blocks of 4 MiB and more
+straight to mmap, so they go back to the OS when freed; smaller ones (1 MiB chunks) still
+reuse arena memory. The setting is process-wide; it only affects how large blocks are
+obtained, never correctness, and it is skipped where glibc is not the allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+__all__ = ["LARGE_BLOCK_BYTES", "return_large_buffers_to_os"]
+
+LARGE_BLOCK_BYTES = 4 * 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_log = logging.getLogger(__name__)
+
+
+def return_large_buffers_to_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Fixes glibc's mmap threshold at `threshold` bytes; False if not glibc or refused."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    _log.debug("malloc mmap threshold fixed at %d bytes: %s", threshold, applied)
+    return applied
