@@ -146,3 +146,43 @@ async def test_a_failing_batch_fails_its_calls_and_the_batcher_goes_on(executor)
         await batcher.submit(_image(1))
     assert (await batcher.submit(_image(1))).output[0] == 1
     await batcher.close()
+
+
+async def test_batches_queue_delay_and_compute_time_are_exported_to_prometheus(executor) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = {
+        name: sample(name)
+        for name in (
+            "imagemesh_inference_batch_size_count",
+            "imagemesh_inference_batch_size_sum",
+            "imagemesh_inference_queue_delay_seconds_count",
+            "imagemesh_inference_compute_seconds_count",
+        )
+    }
+    batcher = MicroBatcher(CountingRunner(), BatcherConfig(max_batch_size=4), executor)
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(_image(i)) for i in range(4)))
+    await batcher.close()
+    batches = (
+        sample("imagemesh_inference_batch_size_count")
+        - before["imagemesh_inference_batch_size_count"]
+    )
+    assert batches >= 1
+    assert (
+        sample("imagemesh_inference_batch_size_sum") - before["imagemesh_inference_batch_size_sum"]
+        == 4
+    )
+    assert (
+        sample("imagemesh_inference_queue_delay_seconds_count")
+        - before["imagemesh_inference_queue_delay_seconds_count"]
+        == 4
+    )
+    assert (
+        sample("imagemesh_inference_compute_seconds_count")
+        - before["imagemesh_inference_compute_seconds_count"]
+        == batches
+    )
