@@ -98,4 +98,26 @@ def test_basic_cnn_trains_on_pixels_and_publishes(
     assert not list(store.list_keys("arrays/features/"))
 
 
+def test_fine_tune_trains_the_whole_network_from_the_trained_head(tmp_path: Path) -> None:
+    settings = StorageSettings(local_root=tmp_path / "objects")
+    store = LocalObjectStore(settings.local_root)
+    records = put_generated(store, 30, seed=6)
+    tuned = run_training(
+        records,
+        store=store,
+        storage=settings,
+        options=TrainOptions(
+            model="shapes",
+            fine_tune=True,
+            head=HeadConfig(epochs=1, batch_size=32),
+            pixels=PixelTrainConfig(epochs=1, batch_size=32),
+        ),
+    )
+    # One head epoch on cached features, then one epoch of the whole network on pixels.
+    assert [h["phase"] for h in tuned.history] == [0.0, 1.0]
+    metadata, model = ModelRegistry(store).load(tuned.model_version)
+    assert metadata.architecture.endswith("(fine-tuned)")
+    assert model.output_shape[-1] == 5
+
+
 CLASS_NAMES_SORTED = tuple(sorted(CLASS_NAMES))
