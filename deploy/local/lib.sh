@@ -74,6 +74,10 @@ ensure_command() {
 go_tool_install() {
   local name="$1" module_var="${1}_MODULE" version_var="${1}_VERSION" bin dir spec lock_fd
   bin="$(go_tool_path "$name")"
+  # go_tool_path dies in a subshell on an unknown name; never go on with a half path, since
+  # the build below replaces the binary's folder wholesale.
+  [[ -n "$bin" && "$bin" != */ && "$(basename "$(dirname "$bin")")" == "${name}-"* ]] ||
+    die "cannot resolve the cached path of Go tool $name"
   dir="$(dirname "$bin")"
   spec="${!module_var}@${!version_var}"
   if [[ ! -x "$bin" ]]; then
