@@ -158,13 +158,14 @@ def plot_confusion(evaluation: Evaluation, path: Path, *, title: str = "") -> Pa
     bars.set_ylim(max(0.0, np.floor((lowest - 0.1) * 10) / 10), 1.02)
     bars.axhline(evaluation.accuracy, color="grey", linestyle="--", linewidth=1)
     bars.text(
-        k - 0.5,
+        -0.45,
         evaluation.accuracy + 0.01,
         f"accuracy {evaluation.accuracy:.1%}",
-        ha="right",
+        ha="left",
         va="bottom",
-        color="grey",
+        color="dimgrey",
         fontsize=9,
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
     )
     bars.legend(loc="lower left", fontsize=8)
     bars.set_title("per-class scores")

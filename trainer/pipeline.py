@@ -386,7 +386,16 @@ def run_training(
         version = new_version_id()
         prefix = report_prefix(options.model, version)
         # Reports first: once the version is visible, its evaluation is there to read.
-        _store_reports(store, prefix, report, y_val, probabilities, val_shas)
+        backbone_note = f", backbone {spec.weights_origin}" if use_features else ""
+        _store_reports(
+            store,
+            prefix,
+            report,
+            y_val,
+            probabilities,
+            val_shas,
+            title=f"{architecture}{backbone_note}: validation, {evaluation.count} images",
+        )
         metadata = ModelRegistry(store).publish(
             options.model,
             classifier,
@@ -461,6 +470,8 @@ def _store_reports(
     y_val: np.ndarray,
     probabilities: Any,
     val_shas: Sequence[str],
+    *,
+    title: str,
 ) -> None:
     store.put_bytes(prefix + "clean.json", json.dumps(report.clean, indent=2).encode())
     store.put_bytes(prefix + "evaluation.json", report.evaluation.to_json())
@@ -474,6 +485,6 @@ def _store_reports(
         path = plot_confusion(
             report.evaluation,
             Path(tmp) / "confusion.png",
-            title=f"{report.architecture}: validation, {report.evaluation.count} images",
+            title=title,
         )
         store.put_file(prefix + "confusion.png", path)
