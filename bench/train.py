@@ -18,7 +18,7 @@
   head, evaluate, publish) on the same dataset, first run against second (cached inspection
   and features; Spark is not even started).
 
-Full: 12,500 generated images (10,000 train / 2,500 validation). `--quick`: 1,000 images and
+Full: 12,500 generated images (10,000 train / 2,500 validation). `--quick`: 500 images and
 fewer epochs (accuracies are real, on that smaller set). The last stdout line is one JSON object.
 """
 
@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--spark-master", default="local[2]")
     args = parser.parse_args()
     quick = args.quick
-    images = 1000 if quick else 12_500
+    images = 500 if quick else 12_500
     figures: dict[str, Any] = {"bench": "train", "quick": quick, "images": images}
 
     _log("head epoch on 163,989 synthetic feature vectors ...")
@@ -125,7 +125,7 @@ def main() -> int:
         figures["first_run_stage_s"] = first.stage_seconds
 
         _log("feature extraction: raw in-process vs Spark (warm) ...")
-        count = 512 if quick else 2048
+        count = 256 if quick else 2048
         spec = BackboneSpec((32, 32), None, seed=101)  # a fresh identity: nothing cached
         extractor = Extractor(load_backbone(store, spec), batch_size=256)
         shas = [r.sha256 for r in records[:count]]
