@@ -197,7 +197,13 @@ def main() -> int:
             options=TrainOptions(
                 model="bench-cnn",
                 architecture="basic-cnn",
-                pixels=PixelTrainConfig(epochs=10 if quick else 20, patience=4),
+                # Quick: 400 training images; small batches give enough steps for the
+                # BatchNorm statistics to settle before early stopping can judge.
+                pixels=PixelTrainConfig(
+                    epochs=12 if quick else 20,
+                    batch_size=16 if quick else 64,
+                    patience=12 if quick else 4,
+                ),
             ),
         )
         figures["best_config"] = "basic-cnn"
