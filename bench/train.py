@@ -125,7 +125,7 @@ def main() -> int:
         figures["first_run_stage_s"] = first.stage_seconds
 
         _log("feature extraction: raw in-process vs Spark (warm) ...")
-        count = 256 if quick else 2048
+        count = 500 if quick else 2048
         spec = BackboneSpec((32, 32), None, seed=101)  # a fresh identity: nothing cached
         extractor = Extractor(load_backbone(store, spec), batch_size=256)
         shas = [r.sha256 for r in records[:count]]
