@@ -1,6 +1,7 @@
 """Batch jobs on the real standalone Spark cluster (a master and two one-core workers), reading
 images from and writing predictions to real MinIO, under faults: a worker killed mid-job, a
-cancel mid-job, the master down when a job starts.
+cancel mid-job, the master down when a job starts (a private standalone master for that one:
+killing the shared master would break other sessions' Spark tests running at the same time).
 
 Indexing goes to a SearchService TEST DOUBLE here, so that a test can count the index calls
 per image (a retried task re-indexes, and the real index then keeps one prediction per image
@@ -237,26 +238,73 @@ def test_cancel_mid_job_stops_the_spark_job_and_the_counts_say_what_was_done(
     assert JobStore(store).get(created.job_id).state is JobState.CANCELLED
 
 
+@pytest.fixture
+def private_master(spark_engine: SparkCluster) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A standalone master of our own (the same Spark as the shared cluster's, started the way
+    engines.sh starts it), so that killing it cannot disturb other users of the shared one."""
+    import pyspark
+
+    port = _free_port()
+    home = Path(pyspark.__file__).parent
+    process = subprocess.Popen(
+        [
+            str(home / "bin" / "spark-class"),
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--webui-port",
+            str(_free_port()),
+        ],
+        env={**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "the private master did not start"
+            time.sleep(0.2)
+    yield f"spark://127.0.0.1:{port}", process
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_a_job_started_while_the_master_is_down_fails_at_once_with_the_reason(
-    cluster_app, bucket_settings, names, search_double
+    private_master, bucket_settings, names, search_double
 ):
+    master_url, master = private_master
     store = open_object_store(bucket_settings)
     version = _publish_as(store, "down")
-    master_pidfile = engine_state_dir("spark") / "run" / "master.pid"
-    manager = _manager(cluster_app, bucket_settings, search_double)
+    app = SparkApp(SparkSettings(master=master_url, executor_memory="1g"))
+    app.check_master()  # it is up: what follows is the kill's doing
+    manager = _manager(app, bucket_settings, search_double)
     try:
-        os.killpg(_pid(master_pidfile), signal.SIGKILL)
-        _wait_port_closed("127.0.0.1", 7077)
+        os.killpg(master.pid, signal.SIGKILL)
+        master.wait()
+        _wait_port_closed("127.0.0.1", int(master_url.rsplit(":", 1)[1]))
         created = manager.create(
             JobRequest(Selection(tuple(names[:50])), model_version=version, mode=JobMode.SPARK)
         )
         done = _wait(manager, created.job_id, lambda r: r.final, timeout_s=60)
     finally:
         manager.stop()
-        _engines_up()
+        app.stop()
 
     assert done.state is JobState.FAILED
-    assert "spark://127.0.0.1:7077 cannot be reached" in done.error_message
+    assert f"{master_url} cannot be reached" in done.error_message
     assert "nothing was written" in done.error_message
     # Failed by the master check, not after Spark's minute of registration retries.
     assert "All masters are unresponsive" not in done.error_message
