@@ -264,6 +264,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 images")
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument(
+        "--store",
+        choices=["minio", "local"],
+        default="minio",
+        help="where images and predictions live: MinIO (default) or a local folder (the "
+        "embedded default; the cluster's workers share this machine's disk)",
+    )
     args = parser.parse_args()
     count = args.images or (2_000 if args.quick else 20_000)
     _engines_up("minio spark")
@@ -291,19 +298,22 @@ def main() -> int:
     bucket = f"bench-batch-{uuid.uuid4().hex[:10]}"
     client = Minio("127.0.0.1:9000", access, secret, secure=False)
     client.make_bucket(bucket)
-    storage = StorageSettings(
-        backend=StorageBackend.S3,
-        s3=S3Settings(
-            endpoint="127.0.0.1:9000", access_key=access, secret_key=secret, bucket=bucket
-        ),
-    )
-    store = open_object_store(storage)
     app = None
     search_proc = None
     with tempfile.TemporaryDirectory(prefix="imagemesh-bench-batch-") as tmp:
+        if args.store == "minio":
+            storage = StorageSettings(
+                backend=StorageBackend.S3,
+                s3=S3Settings(
+                    endpoint="127.0.0.1:9000", access_key=access, secret_key=secret, bucket=bucket
+                ),
+            )
+        else:
+            storage = StorageSettings(local_root=Path(tmp) / "objects")
+        store = open_object_store(storage)
         try:
             search_proc, search_address = _start_search(Path(tmp))
-            console.print(f"storing {count:,} images in MinIO and indexing their documents")
+            console.print(f"storing {count:,} images ({args.store}), indexing their documents")
             names, pixels = _prepare(store, count, search_address)
             model, version = VERSION.split("/")[1], VERSION.split("/")[3]
             ModelRegistry(store).publish(

@@ -234,7 +234,11 @@ class InferenceSettings(_Section):
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_queue_delay_ms: float = Field(default=2.0, ge=0, le=1000)
     queue_capacity: int = Field(default=1024, ge=1)
-    # Selections larger than this run on Spark when a batch job's mode is AUTO.
+    # Selections larger than this run on Spark when a batch job's mode is AUTO. Measured by
+    # bench/batch.py (2 cores): Spark overtakes a LOCAL job past ~150-250 images on a warm
+    # application but only past ~10,000-22,000 on a cold one (30-45 s of start-up); 5,000 keeps
+    # small jobs off Spark's start-up and caps what a LOCAL job takes from online calls to
+    # ~25-70 s of the service's model (LOCAL ran at 73-210 images/s).
     spark_threshold: int = Field(default=5000, ge=0)
     # Images per model call in batch jobs (padded to this size so the model traces once).
     batch_job_batch_size: int = Field(default=64, ge=1, le=4096)
