@@ -17,6 +17,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from imagemesh.auth import TokenAuthInterceptor
+from imagemesh.channels import channel_options
 from imagemesh.config import Settings
 from imagemesh.interceptors import ObservabilityInterceptor
 
@@ -47,13 +49,11 @@ class ServiceMount:
     extra_names: Sequence[str] = field(default_factory=tuple)
 
 
-def _channel_options(settings: Settings) -> list[tuple[str, int]]:
+def _server_options(settings: Settings) -> list[tuple[str, Any]]:
     s = settings.server
+    # Message limits and keepalive are the same on both ends (shared with every client).
     return [
-        ("grpc.max_receive_message_length", s.max_message_bytes),
-        ("grpc.max_send_message_length", s.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        *channel_options(settings),
         # Clients may ping as often as every 10 s without data in flight; more is abuse.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -141,7 +141,7 @@ def create_server(
     ]
     if settings.auth_token:
         interceptors.append(TokenAuthInterceptor(settings.auth_token))
-    server = grpc.aio.server(interceptors=interceptors, options=_channel_options(settings))
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     mesh = MeshServer(settings, server, mounts)
     health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
     for mount in mounts:

@@ -10,13 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from imagemesh.channels import open_sync_channel
 from imagemesh.config import Settings
 from imagemesh.mesh import DEFAULT_PORTS
 
 __all__ = ["register"]
 
-# Reading the health of a remote address needs no local configuration.
-needs_settings = False
 
 _SERVICE_NAMES = {
     "storage": "imagemesh.storage.v1.StorageService",
@@ -42,7 +41,9 @@ def run(args: argparse.Namespace, settings: Settings | None) -> int:
     table.add_column("service")
     table.add_column("status")
     worst = 0
-    with grpc.insecure_channel(args.address) as channel:
+    assert settings is not None
+    # The deployment's TLS settings apply: a TLS-only server refuses a plaintext probe.
+    with open_sync_channel(args.address, settings) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for label, name in [("(server)", ""), *_SERVICE_NAMES.items()]:
             try:

@@ -19,13 +19,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
+from imagemesh.channels import open_sync_channel
 from imagemesh.config import Settings
 from imagemesh.mesh import DEFAULT_PORTS
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 
 __all__ = ["register", "run"]
 
-needs_settings = False
 
 _COUNT_BY = {
     "label": search_pb2.COUNT_FIELD_LABEL,
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, settings: Settings | None) -> int:
     replies: list[search_pb2.SearchImagesResponse] = []
     console = Console(stderr=args.json)
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        assert settings is not None
+        with open_sync_channel(args.address, settings) as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             with console.status("searching…") as status:
                 while True:
