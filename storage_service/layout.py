@@ -18,7 +18,10 @@
                                             image deletes the array.
     arrays/{array_key}                      a `.npy` array; user metadata `dtype`, `shape`,
                                             `image`. Predictions live at
-                                            `arrays/predictions/{model}/{version}/{sha}.npy`.
+                                            `arrays/predictions/{model}/{version}/{sha}.npy`
+                                            and model inputs at `arrays/inputs/...` (same
+                                            pattern): deleting an image finds those by the
+                                            pattern, linked or not.
     models/...                              the inference service's; never touched here.
 
 The two-character fan-out keeps folders small on a local disk; on S3 it is harmless.
@@ -34,6 +37,8 @@ import time
 __all__ = [
     "ARRAYS_PREFIX",
     "IMAGES_PREFIX",
+    "DERIVED_PREFIXES",
+    "INPUTS_PREFIX",
     "PREDICTIONS_PREFIX",
     "array_object_key",
     "dataset_log_key",
@@ -48,6 +53,11 @@ __all__ = [
 IMAGES_PREFIX = "images/"
 ARRAYS_PREFIX = "arrays/"
 PREDICTIONS_PREFIX = "arrays/predictions/"
+INPUTS_PREFIX = "arrays/inputs/"
+# Arrays derived per model version and image, at `{prefix}{model}/{version}/{sha}.npy`. Deleting
+# an image finds them by that pattern, so their writers (batch jobs writing one per image) need
+# no link marker: one object write per prediction instead of two.
+DERIVED_PREFIXES = (PREDICTIONS_PREFIX, INPUTS_PREFIX)
 
 
 def image_key(sha: str) -> str:

@@ -40,7 +40,7 @@ from imagemesh.page_tokens import PageTokenCodec
 from storage_service.backends import ObjectInfo, ObjectStore
 from storage_service.group_commit import GroupCommit
 from storage_service.layout import (
-    PREDICTIONS_PREFIX,
+    DERIVED_PREFIXES,
     array_object_key,
     dataset_log_key,
     dataset_log_prefix,
@@ -553,12 +553,13 @@ class StorageDomain:
                 self.store.delete(key)
                 deleted.add(key)
             self.store.delete(link)
-        for model in list(self.store.list_prefixes(PREDICTIONS_PREFIX)):
-            for version in list(self.store.list_prefixes(model)):
-                key = f"{version}{sha}.npy"
-                if key not in deleted and self.store.exists(key):
-                    self.store.delete(key)
-                    deleted.add(key)
+        for prefix in DERIVED_PREFIXES:
+            for model in list(self.store.list_prefixes(prefix)):
+                for version in list(self.store.list_prefixes(model)):
+                    key = f"{version}{sha}.npy"
+                    if key not in deleted and self.store.exists(key):
+                        self.store.delete(key)
+                        deleted.add(key)
         self.store.delete(image_key(sha))
         self.store.delete(record_sidecar_key(sha))
         return len(deleted)

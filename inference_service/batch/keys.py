@@ -20,7 +20,6 @@ from storage_service import layout
 
 __all__ = [
     "array_object_key",
-    "image_link_key",
     "image_object_key",
     "input_array_name",
     "prediction_array_name",
@@ -42,11 +41,6 @@ def input_array_name(model_version: str, sha256: str) -> str:
 def array_object_key(array_name: str) -> str:
     """The object-store key of the array named `arrays/{key}`."""
     return layout.array_object_key(array_key(array_name))
-
-
-def image_link_key(sha256: str, array_name: str) -> str:
-    """The marker that ties an array to its image (deleting the image deletes the array)."""
-    return layout.image_link_key(sha256, array_key(array_name))
 
 
 def image_object_key(sha256: str) -> str:

@@ -153,17 +153,19 @@ async def test_delete_removes_the_image_its_arrays_and_predictions(storage_serve
             name=f"arrays/features/b1/{digest}.npy", npy_content=probs, image=image.name
         )
     )
-    # A prediction written without `image` is still found by its conventional path.
-    await storage_server.stub.PutArray(
-        storage_pb2.PutArrayRequest(
-            name=f"arrays/predictions/flowers/v3/{digest}.npy", npy_content=probs
+    # A prediction and a model input written without `image` (as batch jobs write them) are
+    # still found by their conventional paths.
+    for kind in ("predictions", "inputs"):
+        await storage_server.stub.PutArray(
+            storage_pb2.PutArrayRequest(
+                name=f"arrays/{kind}/flowers/v3/{digest}.npy", npy_content=probs
+            )
         )
-    )
     await storage_server.stub.PutArray(
         storage_pb2.PutArrayRequest(name="arrays/unrelated.npy", npy_content=probs)
     )
     reply = await storage_server.stub.DeleteImage(storage_pb2.DeleteImageRequest(name=image.name))
-    assert reply.deleted_array_count == 2
+    assert reply.deleted_array_count == 3
     remaining = [k for k in storage_server.object_keys() if not k.startswith("datasets/")]
     assert remaining == ["arrays/unrelated.npy"]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
