@@ -3,9 +3,9 @@ images from and writing predictions to real MinIO, under faults: a worker killed
 cancel mid-job, the master down when a job starts (a private standalone master for that one:
 killing the shared master would break other sessions' Spark tests running at the same time).
 
-Indexing goes to a SearchService TEST DOUBLE here, so that a test can count the index calls
-per image (a retried task re-indexes, and the real index then keeps one prediction per image
-and version, which tests/integration/batch/test_mesh_batch.py checks through the real service).
+Predictions are indexed into a real SearchService on Elasticsearch (`served_search`), and
+read back through it: a retried task re-indexes its images, and the index must still hold one
+prediction per image and version.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from inference_service.batch.store import JobStore
 from storage_service.backends import open_object_store
 from tests.fixtures.engines import ENGINES_SH, S3Engine, SparkCluster, engine_state_dir
 from tests.inference_service.batch.helpers import png_bytes
+from tests.integration.batch.conftest import ServedSearch
 
 IMAGES = 2000
 PARTITION_IMAGES = 100
@@ -80,8 +81,11 @@ def _image_names() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def names() -> list[str]:
-    return _image_names()
+def names(served_search: ServedSearch) -> list[str]:
+    """The images' names, each with its document in the search service."""
+    image_names = _image_names()
+    served_search.index_images(image_names, dataset="faults")
+    return image_names
 
 
 def _publish_as(store, version: str) -> str:
@@ -104,17 +108,17 @@ def cluster_app(spark_engine: SparkCluster) -> Iterator[SparkApp]:
     app.stop()
 
 
-def _manager(app, settings, search_double) -> BatchJobManager:
+def _manager(app, settings, search: ServedSearch) -> BatchJobManager:
     manager = BatchJobManager(
         jobs=JobStore(open_object_store(settings)),
         options=BatchOptions(
             storage=settings,
-            search_address=search_double.address,
+            search_address=search.address,
             batch_size=32,
             io_threads=8,
             heartbeat_s=0.5,
         ),
-        resolver=GrpcSelectionResolver("127.0.0.1:1", search_double.address),
+        resolver=GrpcSelectionResolver("127.0.0.1:1", search.address),
         local_runner=LocalRunner(),
         spark_runner=SparkRunner(app, partition_images=PARTITION_IMAGES),
         resolve_model=lambda name: name,
@@ -169,12 +173,12 @@ def _engines_up() -> None:
 
 
 def test_killing_one_of_two_workers_mid_job_still_classifies_every_image_exactly_once(
-    cluster_app, bucket_settings, names, search_double
+    cluster_app, bucket_settings, names, served_search
 ):
     _wait_executors(cluster_app, 2)
     store = open_object_store(bucket_settings)
     version = _publish_as(store, "kill")
-    manager = _manager(cluster_app, bucket_settings, search_double)
+    manager = _manager(cluster_app, bucket_settings, served_search)
     worker_pidfile = engine_state_dir("spark") / "run" / "worker-1.pid"
     try:
         created = manager.create(
@@ -195,20 +199,23 @@ def test_killing_one_of_two_workers_mid_job_still_classifies_every_image_exactly
     keys = list(store.list_keys(prefix))
     assert len(keys) == IMAGES
     assert {k.rsplit("/", 1)[1].removesuffix(".npy") for k in keys} == {n[7:] for n in names}
-    indexed = search_double.double.predictions
-    assert {image for image, v in indexed if v == version} == set(names)
-    assert len([1 for _, v in indexed if v == version]) == IMAGES
-    # Some images were indexed twice (the killed executor's tasks ran again): an upsert.
-    assert all(search_double.double.index_calls[n] >= 1 for n in names)
+    # Read back from Elasticsearch: every image once, each with exactly one prediction of
+    # this version, although the killed executor's tasks ran (and indexed) again.
+    documents = served_search.documents_predicted_by(version)
+    assert sorted(d.name for d in documents) == sorted(names)
+    for document in documents:
+        mine = [p for p in document.predictions if p.model_version == version]
+        assert len(mine) == 1, (document.name, mine)
+        assert mine[0].probabilities_array == prediction_array_name(version, document.name[7:])
 
 
 def test_cancel_mid_job_stops_the_spark_job_and_the_counts_say_what_was_done(
-    cluster_app, bucket_settings, names, search_double
+    cluster_app, bucket_settings, names, served_search
 ):
     _wait_executors(cluster_app, 2)
     store = open_object_store(bucket_settings)
     version = _publish_as(store, "cancel")
-    manager = _manager(cluster_app, bucket_settings, search_double)
+    manager = _manager(cluster_app, bucket_settings, served_search)
     try:
         created = manager.create(
             JobRequest(Selection(tuple(names)), model_version=version, mode=JobMode.SPARK)
@@ -235,6 +242,9 @@ def test_cancel_mid_job_stops_the_spark_job_and_the_counts_say_what_was_done(
     assert written >= done.processed_count
     time.sleep(3)
     assert len(list(store.list_keys(prefix))) == written < IMAGES
+    # Every counted image is searchable with its prediction (a task's last batch waits until
+    # visible); none was indexed without its array.
+    assert done.processed_count <= len(served_search.documents_predicted_by(version)) <= written
     assert JobStore(store).get(created.job_id).state is JobState.CANCELLED
 
 
@@ -283,14 +293,14 @@ def _free_port() -> int:
 
 
 def test_a_job_started_while_the_master_is_down_fails_at_once_with_the_reason(
-    private_master, bucket_settings, names, search_double
+    private_master, bucket_settings, names, served_search
 ):
     master_url, master = private_master
     store = open_object_store(bucket_settings)
     version = _publish_as(store, "down")
     app = SparkApp(SparkSettings(master=master_url, executor_memory="1g"))
     app.check_master()  # it is up: what follows is the kill's doing
-    manager = _manager(app, bucket_settings, search_double)
+    manager = _manager(app, bucket_settings, served_search)
     try:
         os.killpg(master.pid, signal.SIGKILL)
         master.wait()
