@@ -49,9 +49,10 @@ def image_document(record: ImageRecord) -> search_pb2.ImageDocument:
 class SearchNotifier:
     """A SearchService client for index updates; the channel opens on first use."""
 
-    def __init__(self, address: str, settings: Settings | None = None) -> None:
+    def __init__(self, address: str, settings: Settings) -> None:
         self.address = address
-        # The deployment's TLS and token settings; None (tools, tests) means plaintext.
+        # The deployment's TLS and token settings: the index updates travel like every other
+        # service-to-service call (a plaintext fallback would leak past a TLS-only server).
         self._settings = settings
         self._channel: grpc.aio.Channel | None = None
         self._stub: search_pb2_grpc.SearchServiceAsyncStub | None = None
@@ -59,11 +60,7 @@ class SearchNotifier:
 
     def _client(self) -> search_pb2_grpc.SearchServiceAsyncStub:
         if self._stub is None:
-            self._channel = (
-                open_channel(self.address, self._settings)
-                if self._settings is not None
-                else grpc.aio.insecure_channel(self.address)
-            )
+            self._channel = open_channel(self.address, self._settings)
             self._stub = search_pb2_grpc.SearchServiceStub(self._channel)
         return self._stub
 
