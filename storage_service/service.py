@@ -345,27 +345,34 @@ class StorageDomain:
         fields = header.validate()
         if fields.expected_size_bytes:
             self._check_size(fields, fields.expected_size_bytes)
-        hasher = hashlib.sha256()
-        buffer = bytearray()
+        pieces: list[bytes] = []
+        buffered = 0
         total = 0
         spill: _Spill | None = None
         try:
+            if fields.expected_size_bytes > MEMORY_UPLOAD_BYTES:
+                # Announced as large: stage from the first byte, with no in-memory copy.
+                spill = await self._start_spill(fields)
             async for chunk in chunks:
                 total += len(chunk)
                 self._check_size(fields, total)
-                hasher.update(chunk)
                 if spill is None:
-                    buffer += chunk
-                    if len(buffer) > MEMORY_UPLOAD_BYTES:
+                    pieces.append(chunk)
+                    buffered += len(chunk)
+                    if buffered > MEMORY_UPLOAD_BYTES:
                         spill = await self._start_spill(fields)
-                        await spill.feed(bytes(buffer))
-                        buffer = bytearray()
+                        for piece in pieces:
+                            await spill.feed(piece)
+                        pieces.clear()
                 else:
                     await spill.feed(chunk)
-            sha = hasher.hexdigest()
-            self._check_end(fields, total, sha)
             if spill is None:
-                return await self._commit_small(fields, bytes(buffer), sha)
+                content = b"".join(pieces)
+                sha = hashlib.sha256(content).hexdigest()
+                self._check_end(fields, total, sha)
+                return await self._commit_small(fields, content, sha)
+            sha = await spill.end_of_data()
+            self._check_end(fields, total, sha)
             return await self._commit_spill(fields, spill, sha, total)
         except BaseException:
             if spill is not None:
@@ -399,13 +406,11 @@ class StorageDomain:
         if spill.duplicate_of is not None:
             await spill.abort()
             return spill.duplicate_of, True
-        spill.close_file()
-        if spill.streaming:
-            await spill.end_of_data()  # the store sends its last part while we validate
-        else:
+        if not spill.streaming:
             existing = await self._run(self._read_record, sha)
             if existing is not None:
                 return existing, True
+        # When streaming, the store sends its last part while the image is validated.
         max_pixels = self.settings.max_image_pixels
         facts = await self._run(
             lambda: probe_image(
@@ -413,14 +418,22 @@ class StorageDomain:
             )
         )
         record = self._new_record(fields, sha, total, facts)
-        await self._log_writes.add((record.dataset, sha, record.generation))
         if spill.streaming:
-            # The sidecar first: the bytes must never be visible without their record.
-            await self._run(
-                self.store.put_bytes, record_sidecar_key(sha), record.to_json(), "application/json"
+            # The sidecar before the commit: the bytes must never be visible without their
+            # record. The log entry is written meanwhile (a log entry without an image is
+            # skipped by listings), so the two round trips overlap.
+            await asyncio.gather(
+                self._log_writes.add((record.dataset, sha, record.generation)),
+                self._run(
+                    self.store.put_bytes,
+                    record_sidecar_key(sha),
+                    record.to_json(),
+                    "application/json",
+                ),
             )
             await spill.commit()
         else:
+            await self._log_writes.add((record.dataset, sha, record.generation))
             metadata, sidecar = self._metadata_for(record)
             if sidecar:
                 await self._run(
@@ -724,12 +737,17 @@ _END = object()
 
 
 class _Spill:
-    """A large upload being staged: a spill file for validation and, optionally, a store
-    write of the same bytes running in a thread that commits only when told to."""
+    """A large upload being staged: its SHA-256, a spill file for validation and,
+    optionally, a store write of the same bytes that commits only when told to.
+
+    When the store write runs, its thread also hashes each chunk and writes it to the spill
+    file, so the event loop only hands chunks over and goes back to receiving.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = path.open("wb")
+        self._hasher = hashlib.sha256()
         self.keep_file = True
         self.duplicate_of: ImageRecord | None = None
         self.streaming = False
@@ -737,6 +755,7 @@ class _Spill:
         self._commit = threading.Event()
         self._abort = threading.Event()
         self._write: asyncio.Future[None] | None = None
+        self._staged: asyncio.Future[None] | None = None
         self._domain: StorageDomain | None = None
 
     def start_store_write(
@@ -745,11 +764,23 @@ class _Spill:
         self.streaming = True
         self._domain = domain
         loop = asyncio.get_running_loop()
+        staged: asyncio.Future[None] = loop.create_future()
+        self._staged = staged
+
+        def mark_staged() -> None:
+            if not staged.done():
+                staged.set_result(None)
+
+        def chunks() -> Iterator[bytes]:
+            yield from self._chunks()
+            # Every byte is hashed and in the spill file: validation may start.
+            loop.call_soon_threadsafe(mark_staged)
+
         self._write = loop.run_in_executor(
             domain._executor,
             lambda: domain.store.put_stream(
                 key,
-                self._chunks(),
+                chunks(),
                 None,
                 content_type or "application/octet-stream",
                 metadata=metadata,
@@ -768,8 +799,11 @@ class _Spill:
                     raise _Aborted("upload abandoned") from None
                 continue
             if item is _END:
+                self._file.close()
                 return
             assert isinstance(item, bytes)
+            self._hasher.update(item)
+            self._file.write(item)
             yield item
 
     def _await_commit(self) -> None:
@@ -790,9 +824,10 @@ class _Spill:
                     return
 
     async def feed(self, chunk: bytes) -> None:
-        if self.keep_file:
-            self._file.write(chunk)
         if not self.streaming or self._write is None:
+            self._hasher.update(chunk)
+            if self.keep_file:
+                self._file.write(chunk)
             return
         if self._write.done():
             await self._write  # raises the store's error
@@ -803,13 +838,24 @@ class _Spill:
             assert self._domain is not None
             await self._domain._run(self._offer, chunk)
 
+    async def end_of_data(self) -> str:
+        """Marks the end of the bytes; returns their SHA-256 once all are staged."""
+        if self.streaming:
+            assert self._domain is not None
+            assert self._write is not None
+            assert self._staged is not None
+            await self._domain._run(self._offer, _END)
+            # The store write may die before it staged everything; its error says why.
+            await asyncio.wait([self._staged, self._write], return_when=asyncio.FIRST_COMPLETED)
+            if not self._staged.done():
+                await self._write
+                raise _Aborted("the store write ended early")
+        self.close_file()
+        return self._hasher.hexdigest()
+
     def close_file(self) -> None:
         if not self._file.closed:
             self._file.close()
-
-    async def end_of_data(self) -> None:
-        assert self._domain is not None
-        await self._domain._run(self._offer, _END)
 
     async def commit(self) -> None:
         assert self._write is not None
@@ -818,6 +864,8 @@ class _Spill:
 
     async def abort(self) -> None:
         self._abort.set()
+        if self._staged is not None and not self._staged.done():
+            self._staged.cancel()
         if self._write is not None:
             # Wait for the store to roll back, so that nothing is visible once we answer;
             # shielded, since this also runs when the call was cancelled.
