@@ -216,29 +216,22 @@ class _Pipeline:
     def read_batch(self, names: list[str]) -> list[Future[_Read]]:
         return [self.io.submit(self.read, name) for name in names]
 
-    def write_array(self, sha256: str, array_name: str, array: np.ndarray) -> None:
-        # One write, no link marker: predictions and inputs sit at the per-version, per-image
-        # keys that the storage service's DeleteImage finds by pattern (`DERIVED_PREFIXES`).
-        # On MinIO every object write costs a synchronous disk write per drive, so halving
-        # the writes per image doubles what a job can store per second.
-        self.store.put_bytes(
-            array_object_key(array_name),
-            _npy_bytes(array),
-            "application/x-npy",
-            metadata={
-                "dtype": array.dtype.str,
-                "shape": ",".join(str(n) for n in array.shape),
-                "image": sha256,
-            },
-        )
+    def write_array(self, array_name: str, array: np.ndarray) -> None:
+        # One object, nothing else: no link marker (predictions and inputs sit at the
+        # per-version, per-image keys that the storage service's DeleteImage finds by
+        # pattern, `DERIVED_PREFIXES`) and no user metadata (dtype and shape are in the
+        # `.npy` header, which GetArray reads when metadata is absent; the image is in the
+        # key). Measured here: on MinIO each object write is a synchronous write per drive;
+        # on the local store metadata is a second file with its own fsync and rename, and
+        # those two syscalls are most of a job's I/O cost per image.
+        self.store.put_bytes(array_object_key(array_name), _npy_bytes(array), "application/x-npy")
 
     def write_one(self, read: _Read, probabilities: np.ndarray) -> PredictionToIndex:
         version = self.predictor.model_version
         array_name = prediction_array_name(version, read.sha256)
-        self.write_array(read.sha256, array_name, np.ascontiguousarray(probabilities, "<f4"))
+        self.write_array(array_name, np.ascontiguousarray(probabilities, "<f4"))
         if self.spec.store_inputs and read.pixels is not None:
             self.write_array(
-                read.sha256,
                 input_array_name(version, read.sha256),
                 np.ascontiguousarray(read.pixels, "<f4"),
             )
