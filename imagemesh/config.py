@@ -235,7 +235,9 @@ class InferenceSettings(_Section):
     # Empty means the newest published version of `model`.
     model_version: str = ""
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    max_queue_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    # The longest the batcher waits for a fuller batch (it stops sooner when calls stop
+    # coming); see inference_service.batcher for the measurement behind 20 ms.
+    max_queue_delay_ms: float = Field(default=20.0, ge=0, le=1000)
     queue_capacity: int = Field(default=1024, ge=1)
     # Selections larger than this run on Spark when a batch job's mode is AUTO. Measured by
     # bench/batch.py (2 cores): Spark overtakes a LOCAL job past ~150-250 images on a warm

@@ -77,6 +77,42 @@ async def test_one_caller_in_a_loop_is_not_delayed_waiting_for_others(executor) 
     await batcher.close()
 
 
+async def test_callers_coming_back_one_by_one_still_fill_whole_batches(executor) -> None:
+    runner = CountingRunner()
+    # Each caller's next call comes 80 ms after the previous one's (0.4 s in all): longer
+    # than the arrival gap in total, far shorter between two arrivals.
+    config = BatcherConfig(max_batch_size=6, max_queue_delay_s=5.0, arrival_gap_s=0.3)
+    batcher = MicroBatcher(runner, config, executor)
+    batcher.start()
+
+    async def caller(i: int) -> list[int]:
+        sizes = []
+        for _ in range(3):
+            sizes.append((await batcher.submit(_image(i))).batch_size)
+            await asyncio.sleep(0.08 * i)
+        return sizes
+
+    sizes = await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(6))), timeout=20)
+    await batcher.close()
+    assert all(size == 6 for per_caller in sizes for size in per_caller)
+    assert runner.shapes == [6, 6, 6]
+
+
+async def test_waiting_for_a_fuller_batch_stops_when_calls_stop_coming(executor) -> None:
+    runner = CountingRunner()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=5.0, arrival_gap_s=0.05)
+    batcher = MicroBatcher(runner, config, executor)
+    batcher.start()
+    first = await asyncio.gather(*(batcher.submit(_image(i)) for i in range(8)))
+    assert {r.batch_size for r in first} == {8}  # the batcher now expects 8 callers
+    # Only 3 come back: they are served once none arrived for the gap, not after 5 s.
+    again = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(_image(i)) for i in range(3))), timeout=4.0
+    )
+    assert {r.batch_size for r in again} == {3}
+    await batcher.close()
+
+
 async def test_an_expired_image_is_dropped_before_compute(executor) -> None:
     runner = CountingRunner()
     runner.release.clear()
