@@ -9,6 +9,7 @@
 - `ratio_feature_extraction`: feature extraction on Spark (workers read the images from the
   object store, decode, extract, write `.npy` shards), warm application, against raw
   in-process inference of the backbone on pixels already in memory (batch 256, `tf.function`).
+  Each side's median of three interleaved runs.
 - `seed_way_epoch_s`: the seed's way for reference, one epoch of head training with the frozen
   backbone run end to end on pixels (Keras `fit`, batch 256), extrapolated to 163,989 images.
 - `val_accuracy_head_random_backbone`: head-only training on a RANDOMLY INITIALISED DenseNet121
@@ -164,20 +165,27 @@ def main() -> int:
             extractor.features(pixels)
             return count / (time.perf_counter() - started)
 
-        # Measured before and after the Spark run and averaged: the machine's other load
-        # varies, and both sides should see the same on average.
-        raw_before = raw_rate_now()
         context = first_app.context()
         slots = int(context.defaultParallelism)
         # Warm: every worker has this backbone (a worker the first run did not use builds it).
         extract_spark(
             context, storage, spec, [r.sha256 for r in records[-2 * slots :]], partition_images=2
         )
-        started = time.perf_counter()
-        extract_spark(context, storage, spec, shas)  # the product's partitioning
-        spark_rate = count / (time.perf_counter() - started)
+
+        def spark_rate_now() -> float:
+            started = time.perf_counter()
+            extract_spark(context, storage, spec, shas)  # the product's partitioning
+            return count / (time.perf_counter() - started)
+
+        # Both sides measured three times, interleaved, and their medians compared: the
+        # machine's other load varies, and both sides should see the same on average.
+        raw_rates, spark_rates = [], []
+        for _ in range(3):
+            raw_rates.append(raw_rate_now())
+            spark_rates.append(spark_rate_now())
         first_app.stop()
-        raw_rate = (raw_before + raw_rate_now()) / 2
+        raw_rate = float(np.median(raw_rates))
+        spark_rate = float(np.median(spark_rates))
         figures["raw_extract_img_s"] = round(raw_rate, 1)
         figures["spark_extract_img_s"] = round(spark_rate, 1)
         figures["ratio_feature_extraction"] = round(spark_rate / raw_rate, 3)

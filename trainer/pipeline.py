@@ -195,6 +195,15 @@ def run_training(
     progress = progress or NullProgress()
     clock = _Clock()
     spec = BackboneSpec(options.input_size, options.weights, options.seed)
+    use_features = options.architecture == "densenet121"
+    # Building DenseNet121 takes seconds, and every run needs it: to extract, or to publish
+    # the classifier. It is built in the background from the start, so that it overlaps the
+    # clean stage (on Spark: the application's start) or, with every feature cached, the
+    # head's training. (Should cleaning fail, the thread finishes a build nobody joins.)
+    builder = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-backbone")
+    backbone_future: Future[Any] | None = None
+    if use_features:
+        backbone_future = builder.submit(load_backbone, store, spec)
 
     # 1. clean
     clock.start()
@@ -229,24 +238,17 @@ def run_training(
     val_shas = [r.sha256 for r in cleaned.val]
     y_train = _indices(cleaned.train, names)
     y_val = _indices(cleaned.val, names)
-    use_features = options.architecture == "densenet121"
 
     # 2. extract
     clock.start()
     extracted = cached = 0
     cache = FeatureCache(store, spec.identity)
-    # Building DenseNet121 takes seconds; it is needed now only to extract. With every feature
-    # cached it is built in the background while the head trains, and joined to publish.
-    builder = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-backbone")
-    backbone_future: Future[Any] | None = None
     if use_features:
+        assert backbone_future is not None
         missing = cache.missing(train_shas + val_shas)
         if missing:
-            backbone_future = Future()
-            # Stores the weights under the identity first: the workers load exactly these.
-            backbone_future.set_result(load_backbone(store, spec))
-        else:
-            backbone_future = builder.submit(load_backbone, store, spec)
+            # Joined first: it stores the weights under the identity, which the workers load.
+            backbone_future.result()
         cached = len(set(train_shas + val_shas)) - len(missing)
         progress.start("extract", len(missing))
         if missing and spark_context is not None:
