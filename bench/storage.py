@@ -211,12 +211,23 @@ def upload_request_stream(
             filename=filename, dataset="bench", expected_sha256=sha, expected_size_bytes=size
         )
     )
+    # Each byte is copied once into its chunk: re-slicing one growing buffer would move
+    # the whole rest of a 16 MiB image for every chunk, and the client would then be what
+    # is measured.
     buffer = bytearray()
     for piece in pieces:
-        buffer += piece
-        while len(buffer) >= CHUNK:
-            yield storage_pb2.UploadImageRequest(chunk=bytes(buffer[:CHUNK]))
-            del buffer[:CHUNK]
+        with memoryview(piece) as view:
+            start = 0
+            if buffer:
+                start = min(CHUNK - len(buffer), len(view))
+                buffer += view[:start]
+                if len(buffer) == CHUNK:
+                    yield storage_pb2.UploadImageRequest(chunk=bytes(buffer))
+                    buffer.clear()
+            while len(view) - start >= CHUNK:
+                yield storage_pb2.UploadImageRequest(chunk=bytes(view[start : start + CHUNK]))
+                start += CHUNK
+            buffer += view[start:]
     if buffer:
         yield storage_pb2.UploadImageRequest(chunk=bytes(buffer))
 
