@@ -218,10 +218,11 @@ class SparkSettings(_Section):
     connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
     # Images per Spark task: small enough that a lost executor costs little work and the
     # progress (counted per finished task) moves every second or two, large enough that the
-    # per-task overhead stays small. Measured on the 2-core cluster here: 20-80 ms per task
-    # (80 with the machine loaded), against ~0.55 s of model time per 256 images per worker,
-    # so 256 lost up to 14 %; at 512 it is under 8 %.
-    partition_images: int = Field(default=512, ge=1, le=100_000)
+    # per-task overhead stays small: ~20 ms once the worker's heap is frozen (pyspark's
+    # per-task gc.collect over TensorFlow's objects cost ~0.28 s before), against ~0.5 s of
+    # model time per 256 images per worker (measured: 16 partitions of 250 ran as fast as 2
+    # of 2,000).
+    partition_images: int = Field(default=256, ge=1, le=100_000)
     # Start the application and load the serving model in its Python workers when the
     # service starts (in the background: SERVING is not delayed), so that the first batch job
     # does not pay the 15-25 s of a cold start.

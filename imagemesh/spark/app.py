@@ -170,9 +170,8 @@ class SparkApp:
             # double the work on a small cluster.
             .config("spark.speculation", "false")
             # Our tasks read from the object store, so locality buys nothing; Spark's default
-            # 3 s wait for a "local" executor left one of two executors idle between tasks
-            # whenever a cached partition's executor was busy (measured: 16 cached partitions
-            # ran at 0.54 of the rate of 2).
+            # 3 s wait for a "local" executor can leave one of two executors idle while a
+            # cached partition waits for the busy one.
             .config("spark.locality.wait", "0s")
         )
         if s.cores_max:

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 
 from imagemesh.config import StorageSettings
-from imagemesh.spark.worker import configure_tensorflow, task_cores, worker_cached
+from imagemesh.spark.worker import (
+    configure_tensorflow,
+    freeze_worker_heap,
+    task_cores,
+    worker_cached,
+)
 
 __all__ = ["BatchPredictor", "cached_predictor", "open_store_cached", "top_classes"]
 
@@ -68,6 +73,7 @@ def _load(model_version: str, storage: StorageSettings, batch_size: int) -> Batc
     call = compile_model(model)
     # Traced and warmed here, once, at the only shape it will see.
     call(np.zeros((batch_size, height, width, 3), dtype=np.float32))
+    freeze_worker_heap()
     return BatchPredictor(
         model_version=model_version,
         class_names=tuple(metadata.class_names),

@@ -13,7 +13,7 @@ partition's names go through `pipeline.classify_names`.
 Progress: each task adds its outcome (counts, first failures) to an accumulator when it ends.
 Spark applies an action's accumulator updates once per partition, even when a task is retried
 or its executor is lost, so the counts add up exactly after a worker dies mid-job; the driver
-polls the accumulator twice a second for live counts. Partitions are small (512 images by
+polls the accumulator twice a second for live counts. Partitions are small (256 images by
 default, `spark.partition_images`) so the counts move every second or two and a lost executor
 costs little work.
 """
@@ -110,7 +110,7 @@ class SparkRunner:
     mode_name = "SPARK"
 
     def __init__(
-        self, app: SparkApp, partition_images: int = 512, cancel_grace_s: float = 10.0
+        self, app: SparkApp, partition_images: int = 256, cancel_grace_s: float = 10.0
     ) -> None:
         self.app = app
         self.partition_images = partition_images
