@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from imagemesh.common.v1 import common_pb2
@@ -18,6 +22,7 @@ from search_service.model import (
 )
 
 __all__ = [
+    "add_documents",
     "document_from_proto",
     "document_to_proto",
     "failure_to_proto",
@@ -73,22 +78,23 @@ def document_from_proto(d: search_pb2.ImageDocument) -> ImageRecord:
     )
 
 
-def document_to_proto(r: ImageRecord) -> search_pb2.ImageDocument:
-    """The message of a domain document."""
-    # Submessages are filled in place (add, set) rather than built and copied in: a search
-    # page converts 20 to 1,000 of these per call.
-    message = search_pb2.ImageDocument(
-        name=r.name,
-        filename=r.filename,
-        dataset=r.dataset,
-        label=r.label,
-        tags=r.tags,
-        attributes=r.attributes,
-        content_type=r.content_type,
-        size_bytes=r.size_bytes,
-        width=r.width,
-        height=r.height,
-    )
+def _document_fields(r: ImageRecord) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "filename": r.filename,
+        "dataset": r.dataset,
+        "label": r.label,
+        "tags": r.tags,
+        "attributes": r.attributes,
+        "content_type": r.content_type,
+        "size_bytes": r.size_bytes,
+        "width": r.width,
+        "height": r.height,
+    }
+
+
+def _fill_nested(message: search_pb2.ImageDocument, r: ImageRecord) -> None:
+    # Submessages are filled in place (add, set), never built apart and copied in.
     _set_timestamp(message.create_time, r.create_time_ns)
     for p in r.predictions:
         prediction = message.predictions.add(
@@ -105,7 +111,26 @@ def document_to_proto(r: ImageRecord) -> search_pb2.ImageDocument:
             )
         if p.predict_time_ns is not None:
             _set_timestamp(prediction.predict_time, p.predict_time_ns)
+
+
+def document_to_proto(r: ImageRecord) -> search_pb2.ImageDocument:
+    """The message of a domain document."""
+    message = search_pb2.ImageDocument(**_document_fields(r))
+    _fill_nested(message, r)
     return message
+
+
+def add_documents(
+    container: RepeatedCompositeFieldContainer[search_pb2.ImageDocument],
+    records: Iterable[ImageRecord],
+) -> None:
+    """Appends the messages of domain documents to a repeated field, e.g. a response's.
+
+    Each is built inside the container: a message built apart would be copied in whole,
+    which costs as much as building it, and a search page holds 20 to 1,000 documents.
+    """
+    for r in records:
+        _fill_nested(container.add(**_document_fields(r)), r)
 
 
 def failure_to_proto(f: ItemFailure) -> search_pb2.IndexItemError:

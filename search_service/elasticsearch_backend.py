@@ -149,24 +149,28 @@ def _prediction_source(p: PredictionRecord) -> dict[str, Any]:
     return source
 
 
-def _record(source: dict[str, Any]) -> ImageRecord:
-    predictions = sorted(
-        (
-            PredictionRecord(
-                model_version=p["model_version"],
-                top_class=p["top_class"],
-                confidence=float(p["confidence"]),
-                top_classes=tuple(
-                    ClassScore(s["class_name"], int(s["class_index"]), float(s["probability"]))
-                    for s in p.get("top_k", [])
-                ),
-                predict_time_ns=parse_ns(p["predict_time"]) if p.get("predict_time") else None,
-                probabilities_array=p.get("probabilities_array", ""),
-            )
-            for p in source.get("predictions") or []
+def _prediction_record(p: dict[str, Any]) -> PredictionRecord:
+    return PredictionRecord(
+        model_version=p["model_version"],
+        top_class=p["top_class"],
+        confidence=float(p["confidence"]),
+        top_classes=tuple(
+            ClassScore(s["class_name"], int(s["class_index"]), float(s["probability"]))
+            for s in p.get("top_k", ())
         ),
-        key=lambda p: p.model_version,
+        predict_time_ns=parse_ns(p["predict_time"]) if p.get("predict_time") else None,
+        probabilities_array=p.get("probabilities_array", ""),
     )
+
+
+def _model_version(p: PredictionRecord) -> str:
+    return p.model_version
+
+
+def _record(source: dict[str, Any]) -> ImageRecord:
+    predictions = [_prediction_record(p) for p in source.get("predictions") or ()]
+    if len(predictions) > 1:
+        predictions.sort(key=_model_version)
     return ImageRecord(
         name=source["name"],
         filename=source["filename"],

@@ -8,6 +8,7 @@ from imagemesh.errors import ImageMeshError
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from imagemesh.status import abort_with
 from search_service.convert import (
+    add_documents,
     document_from_proto,
     document_to_proto,
     failure_to_proto,
@@ -90,9 +91,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             page, token = await self._domain.search(search_request_from_proto(request))
         except ImageMeshError as exc:
             await abort_with(context, exc)
-        return search_pb2.SearchImagesResponse(
-            documents=[document_to_proto(d) for d in page.documents],
-            next_page_token=token,
-            total_size=page.total,
-            counts=[search_pb2.ValueCount(value=v, count=c) for v, c in page.counts],
-        )
+        response = search_pb2.SearchImagesResponse(next_page_token=token, total_size=page.total)
+        add_documents(response.documents, page.documents)
+        for value, count in page.counts:
+            response.counts.add(value=value, count=count)
+        return response
