@@ -1,7 +1,7 @@
 # imagemesh — every task a developer or CI runs, the same everywhere.
 #   make demo     create the venv, start the mesh on embedded defaults, run the end-to-end flow
 #   make test     install what tests need, then lint, check stubs and run every test
-#   make protos   regenerate the Python code from protos/
+#   make protos   regenerate the Python, Go and TypeScript code from protos/
 #   make lint     ruff (format + lint), mypy, buf lint
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 include deploy/local/engines.mk
 
-.PHONY: help venv tools protos check-protos lint format test test-fast demo bench clean
+.PHONY: help venv tools ts-client protos check-protos lint format test test-fast demo bench clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -32,9 +32,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 tools:
 	@bash deploy/local/tools.sh install
 
+# The TypeScript client's npm packages (skipped when installed from the same lock) and its build.
+ts-client:
+	bash scripts/build_ts.sh build
+
 protos: venv
 	bash scripts/gen_protos.sh
 	bash scripts/gen_go.sh
+	bash scripts/gen_ts.sh
 
 # Regenerates into a scratch folder and compares: committed stubs must match the protos.
 check-protos: venv
@@ -44,6 +49,9 @@ check-protos: venv
 	fi; bash scripts/gen_go.sh "$$tmp/go" >/dev/null; \
 	if ! diff -r -q "$$tmp/go" clients/go/gen; then \
 		echo "generated Go code is stale: run 'make protos' and commit"; rm -rf "$$tmp"; exit 1; \
+	fi; bash scripts/gen_ts.sh "$$tmp/ts" >/dev/null; \
+	if ! diff -r -q "$$tmp/ts" clients/ts/gen; then \
+		echo "generated TypeScript code is stale: run 'make protos' and commit"; rm -rf "$$tmp"; exit 1; \
 	fi; rm -rf "$$tmp"; echo "generated code is up to date"
 
 lint: venv tools
@@ -52,6 +60,7 @@ lint: venv tools
 	$(VENV)/bin/mypy
 	cd protos && "$$(bash ../deploy/local/tools.sh path buf)" lint
 	cd clients/go && test -z "$$(gofmt -l .)" && go vet ./...
+	bash scripts/build_ts.sh install && cd clients/ts && node_modules/.bin/tsc -p . --noEmit
 
 format: venv
 	$(VENV)/bin/ruff format .
