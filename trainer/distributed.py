@@ -13,7 +13,6 @@ the task functions only (Spark forks its workers; TensorFlow is not fork-safe).
 
 from __future__ import annotations
 
-import gc
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -113,7 +112,12 @@ def _worker_store(storage: StorageSettings) -> Any:
 
 
 def _worker_extractor(storage: StorageSettings, spec: BackboneSpec, batch_size: int) -> Extractor:
-    from imagemesh.spark.worker import configure_tensorflow, task_cores, worker_cached
+    from imagemesh.spark.worker import (
+        configure_tensorflow,
+        freeze_worker_heap,
+        task_cores,
+        worker_cached,
+    )
 
     def build() -> Extractor:
         configure_tensorflow(task_cores(), 1)
@@ -122,13 +126,9 @@ def _worker_extractor(storage: StorageSettings, spec: BackboneSpec, batch_size: 
         # Traced once, and run once at the batch size the tasks use: the first full batch
         # also sets up its kernels and memory, which would otherwise land in the first task.
         extractor.features(np.zeros((batch_size, height, width, 3), dtype=np.uint8))
-        # pyspark's daemon runs a full `gc.collect()` after every task of a reused worker.
-        # Over TensorFlow's, Keras's and this network's objects that took ~0.28 s per task,
-        # next to ~0.4 s of extraction (0.27-0.6 of in-process throughput); freezing what is
-        # alive now moves it out of the collector's reach (the gap between tasks: ~0.02 s).
-        # These objects live as long as the worker anyway (`worker_cached`).
-        gc.collect()
-        gc.freeze()
+        # pyspark's per-task `gc.collect()` over TensorFlow's objects cost ~0.28 s per task
+        # next to ~0.4 s of extraction (0.27-0.6 of in-process throughput); see the helper.
+        freeze_worker_heap()
         return extractor
 
     key = ("trainer-extractor", spec, storage.model_dump_json(), batch_size)
