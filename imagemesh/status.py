@@ -21,6 +21,7 @@ from imagemesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from imagemesh.interceptors import REQUEST_ID_KEY, current_request_id
 
 __all__ = ["DOMAIN", "abort_with", "error_to_status", "status_code_of"]
 
@@ -72,7 +73,12 @@ def error_to_status(error: ImageMeshError) -> grpc.Status:
 async def abort_with(
     context: grpc.aio.ServicerContext[object, object], error: ImageMeshError
 ) -> NoReturn:
-    """Ends the call with the error's status and details."""
-    # grpc-stubs lacks abort_with_status on the aio context; it exists at runtime.
-    await context.abort_with_status(error_to_status(error))  # type: ignore[attr-defined]
-    raise AssertionError("abort_with_status returned")  # pragma: no cover - abort raises
+    """Ends the call with the error's status and details, and the call's request id."""
+    status = error_to_status(error)
+    trailing = tuple(status.trailing_metadata)
+    # The abort's trailers replace any set before, so the request id goes in with the details.
+    request_id = current_request_id()
+    if request_id:
+        trailing += ((REQUEST_ID_KEY, request_id),)
+    await context.abort(status.code, status.details, trailing)
+    raise AssertionError("abort returned")  # pragma: no cover - abort raises

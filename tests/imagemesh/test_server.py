@@ -122,11 +122,30 @@ async def test_every_call_gets_a_request_id_back(channel: grpc.aio.Channel) -> N
     stub = health_pb2_grpc.HealthStub(channel)
     call = stub.Check(health_pb2.HealthCheckRequest(), metadata=((REQUEST_ID_KEY, "abc123"),))
     await call
-    assert (REQUEST_ID_KEY, "abc123") in tuple(await call.initial_metadata())
+    assert (REQUEST_ID_KEY, "abc123") in tuple(await call.trailing_metadata())
     other = stub.Check(health_pb2.HealthCheckRequest())
     await other
-    generated = dict(await other.initial_metadata())[REQUEST_ID_KEY]
+    generated = dict(await other.trailing_metadata())[REQUEST_ID_KEY]
     assert len(generated) == 32
+    # A streamed response has it at the start too.
+    watch = stub.Watch(health_pb2.HealthCheckRequest(), metadata=((REQUEST_ID_KEY, "s1"),))
+    assert (REQUEST_ID_KEY, "s1") in tuple(await watch.initial_metadata())
+    watch.cancel()
+
+
+async def test_an_error_carries_its_request_id_with_its_details(
+    channel: grpc.aio.Channel,
+) -> None:
+    stub = storage_pb2_grpc.StorageServiceStub(channel)
+    call = stub.GetImage(
+        storage_pb2.GetImageRequest(name="not-an-image"), metadata=((REQUEST_ID_KEY, "e1"),)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailers = dict(raised.value.trailing_metadata() or ())
+    assert trailers[REQUEST_ID_KEY] == "e1"
+    assert "grpc-status-details-bin" in trailers
 
 
 async def test_message_size_limit_is_the_configured_one(embedded_settings: Settings) -> None:
