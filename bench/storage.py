@@ -155,6 +155,99 @@ class ServiceProcess:
             self.proc.wait()
 
 
+class _BareStorage(storage_pb2_grpc.StorageServiceServicer):
+    """The ceiling: UploadImage and DownloadImage over grpc.aio with no store behind them.
+
+    Downloads stream `length` bytes from memory in 1 MiB chunks (what the service sends);
+    uploads count what arrives.
+    """
+
+    def __init__(self) -> None:
+        self.data = np.random.default_rng(0).integers(0, 256, LARGE_BYTES, np.uint8).tobytes()
+
+    async def UploadImage(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            pass
+        return storage_pb2.UploadImageResponse()
+
+    async def DownloadImage(self, request: Any, context: Any) -> Any:
+        for offset in range(0, request.length, CHUNK):
+            yield storage_pb2.DownloadImageResponse(
+                chunk=self.data[offset : offset + CHUNK], offset=offset
+            )
+
+
+def _serve_bare(port: int) -> None:
+    import asyncio
+
+    async def serve() -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 64 * MIB),
+                ("grpc.max_receive_message_length", 64 * MIB),
+            ]
+        )
+        # Only the two RPCs the ceiling uses are implemented.
+        bare = _BareStorage()  # type: ignore[abstract]
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(bare, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bench_ceiling(raw_up: float, raw_down: float) -> dict[str, float]:
+    """The same transfers (1 MiB messages, the same client) against a bare grpc.aio server
+    in its own process: the most any gRPC service can reach on this machine, no store."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.storage", "--bare-server", str(port)], cwd=ROOT
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        options = [
+            ("grpc.max_send_message_length", 64 * MIB),
+            ("grpc.max_receive_message_length", 64 * MIB),
+        ]
+        with grpc.insecure_channel(address, options=options) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            stub = storage_pb2_grpc.StorageServiceStub(channel)
+            data = large_png(1000)
+
+            def put() -> None:
+                stub.UploadImage(upload_request_stream(iter([data]), "x.png", "", len(data)))
+
+            def get() -> int:
+                request = storage_pb2.DownloadImageRequest(length=len(data))
+                return sum(len(r.chunk) for r in stub.DownloadImage(request))
+
+            put()
+            get()
+            total_mb = LARGE_COUNT * len(data) / 1e6
+            started = time.perf_counter()
+            for _ in range(LARGE_COUNT):
+                put()
+            bare_up = total_mb / (time.perf_counter() - started)
+            started = time.perf_counter()
+            for _ in range(LARGE_COUNT):
+                get()
+            bare_down = total_mb / (time.perf_counter() - started)
+    finally:
+        proc.terminate()
+        proc.wait()
+    console.print(
+        f"ceiling (bare grpc.aio, no store): upload {bare_up:.0f} MB/s, "
+        f"download {bare_down:.0f} MB/s"
+    )
+    return {
+        "bare_grpc_upload_mb_per_s": round(bare_up, 1),
+        "bare_grpc_download_mb_per_s": round(bare_down, 1),
+        "ceiling_ratio_upload_large": round(bare_up / raw_up, 3),
+        "ceiling_ratio_download_large": round(bare_down / raw_down, 3),
+    }
+
+
 # -- images ------------------------------------------------------------------------------
 
 
@@ -344,17 +437,19 @@ def bench_rss(bucket: str, state_dir: Path, size_gib: float) -> dict[str, float]
         with service.channel() as channel:
             stub = storage_pb2_grpc.StorageServiceStub(channel)
             # Warm: one small upload, so idle includes the code paths' imports.
-            stub.BulkUploadImages(
-                iter(
-                    [
-                        storage_pb2.BulkUploadImagesRequest(
-                            request_id="w",
-                            header=storage_pb2.UploadImageHeader(filename="w.png"),
-                            content=small_png(42),
-                        )
-                    ]
+            list(
+                stub.BulkUploadImages(
+                    iter(
+                        [
+                            storage_pb2.BulkUploadImagesRequest(
+                                request_id="w",
+                                header=storage_pb2.UploadImageHeader(filename="w.png"),
+                                content=small_png(42),
+                            )
+                        ]
+                    )
                 )
-            ).next()
+            )
             time.sleep(0.5)
             idle = proc.memory_info().rss
             digest = hashlib.sha256()
@@ -415,7 +510,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 small images (< 1 minute)")
     parser.add_argument("--small", type=int, help="number of small images (default 10,000)")
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_server:
+        _serve_bare(args.bare_server)
+        return 0
     small_count = args.small or (1000 if args.quick else 10_000)
     _ensure_minio()
     raw = Minio(ENDPOINT, ACCESS_KEY, SECRET_KEY, secure=False)
@@ -430,6 +529,12 @@ def main() -> int:
                 with service.channel() as channel:
                     stub = storage_pb2_grpc.StorageServiceStub(channel)
                     results.update(bench_large(stub, raw, bucket))
+                    results.update(
+                        bench_ceiling(
+                            results["raw_upload_large_mb_per_s"],
+                            results["raw_download_large_mb_per_s"],
+                        )
+                    )
                     results.update(bench_small(stub, raw, bucket, small_count))
             finally:
                 service.stop()
