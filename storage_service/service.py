@@ -5,8 +5,9 @@ Contracts (the gRPC layer maps the errors to status codes):
 - An image is committed only once its bytes hashed to the expected SHA-256 (when one was
   given), matched the expected size, fit the size limit, and decoded as a supported image
   within the pixel limit. Until then its bytes are staged (in memory up to
-  `MEMORY_UPLOAD_BYTES`, beyond that in a spill file and, when the client announced the
-  hash, in an S3 multipart upload that is not visible until it completes); on any failure
+  `MEMORY_UPLOAD_BYTES`, beyond that, or from the first byte when the client announced a
+  larger size, in a spill file and, when the client announced the hash, in an S3
+  multipart upload that is not visible until it completes); on any failure
   or cancellation the staged data is discarded, so nothing half-written is ever left.
 - Uploading bytes already stored returns the stored image, flagged as a duplicate, and
   writes nothing.
