@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
+from imagemesh.ports import free_loopback_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "spark://127.0.0.1:7077"
 SEED_IMAGES = 205_000
@@ -56,12 +57,6 @@ BATCH = 64
 VERSION = "models/bench/versions/untrained-32"
 
 console = Console(stderr=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _engines_up(engines: str) -> None:
@@ -82,7 +77,7 @@ def _engines_up(engines: str) -> None:
 
 
 def _start_search(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_loopback_port()
     env = {
         **os.environ,
         "IMAGEMESH_SEARCH__SQLITE_PATH": str(data / "search.sqlite3"),

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,12 @@ from typing import Any
 import numpy as np
 import psutil
 
+from imagemesh.ports import free_loopback_port
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CLIENTS = 32
 STREAM_WINDOW = 4  # requests each stream client keeps in flight
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -255,7 +250,7 @@ def main() -> int:
             class_names=["circle", "square", "triangle", "cross", "ring"],
             backbone_weights="none",
         )
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_loopback_port(), free_loopback_port()
         address = f"127.0.0.1:{port}"
         env["IMAGEMESH_SERVER__METRICS_PORT"] = str(metrics_port)
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

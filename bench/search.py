@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from imagemesh.common.v1 import common_pb2
+from imagemesh.ports import free_loopback_port
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from search_service.elasticsearch_backend import format_ns
 from search_service.elasticsearch_mapping import index_name, index_template, template_name
@@ -57,12 +57,6 @@ BATCH = 1000
 IN_FLIGHT = 4
 
 console = Console(stderr=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ensure_es() -> bool:
@@ -323,7 +317,7 @@ def main() -> int:
     prefix = f"bench-{uuid.uuid4().hex[:12]}"
     raw_prefix = f"{prefix}-raw"
     client = Elasticsearch(ES_URL, request_timeout=120)
-    port = _free_port()
+    port = free_loopback_port()
     address = f"127.0.0.1:{port}"
     env = {
         **os.environ,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rich.console import Console
 
+from imagemesh.ports import free_loopback_port
+
 console = Console()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_serving(address: str, proc: subprocess.Popen[str], timeout_s: float = 120) -> None:
@@ -81,7 +76,7 @@ STEPS: list[tuple[str, Callable[[str], None]]] = [
 
 
 def main() -> int:
-    port = _free_port()
+    port = free_loopback_port()
     address = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="imagemesh-demo-") as data:
         env = dict(os.environ)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagemesh.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from imagemesh.ports import free_loopback_port
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -57,7 +51,7 @@ def test_unknown_toml_key_is_rejected(tmp_path: Path) -> None:
 
 
 def test_serve_reports_serving_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_loopback_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagemesh", "serve", "--port", str(port)],
         env=_env(tmp_path, IMAGEMESH_SERVER__GRACE_PERIOD_S="2"),
@@ -97,4 +91,4 @@ def test_serve_reports_serving_then_stops_cleanly_on_sigterm(tmp_path: Path) -> 
 
 
 def test_health_of_nothing_listening_exits_1(tmp_path: Path) -> None:
-    assert main(["health", f"127.0.0.1:{_free_port()}", "--timeout", "0.5"]) == 1
+    assert main(["health", f"127.0.0.1:{free_loopback_port()}", "--timeout", "0.5"]) == 1

@@ -26,6 +26,7 @@ import pytest
 from minio.deleteobjects import DeleteObject
 
 from imagemesh.config import S3Settings, SparkSettings, StorageBackend, StorageSettings
+from imagemesh.ports import free_loopback_port
 from imagemesh.spark.app import SparkApp
 from inference_service.batch.jobs import JobMode, JobState, Selection
 from inference_service.batch.keys import image_object_key, prediction_array_name
@@ -254,7 +255,7 @@ def private_master(spark_engine: SparkCluster) -> Iterator[tuple[str, subprocess
     engines.sh starts it), so that killing it cannot disturb other users of the shared one."""
     import pyspark
 
-    port = _free_port()
+    port = free_loopback_port()
     home = Path(pyspark.__file__).parent
     process = subprocess.Popen(
         [
@@ -265,7 +266,7 @@ def private_master(spark_engine: SparkCluster) -> Iterator[tuple[str, subprocess
             "--port",
             str(port),
             "--webui-port",
-            str(_free_port()),
+            str(free_loopback_port()),
         ],
         env={**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1"},
         stdout=subprocess.DEVNULL,
@@ -284,12 +285,6 @@ def private_master(spark_engine: SparkCluster) -> Iterator[tuple[str, subprocess
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_job_started_while_the_master_is_down_fails_at_once_with_the_reason(
