@@ -10,6 +10,7 @@ on first use if it is missing. Connection failures and 5xx answers become
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
@@ -59,8 +61,10 @@ class _Minio(Minio):
     Over plain HTTP the SDK signs a SHA-256 of every request body, which for a streamed
     upload is a second full hash of bytes the service has just hashed itself (a fifth of
     the upload path's CPU). A request whose headers ask for `UNSIGNED-PAYLOAD` is signed
-    without it, as the SDK itself does over HTTPS: the service's own SHA-256 of the whole
-    object is what vouches for the bytes.
+    without it, as the SDK itself does over HTTPS. `S3ObjectStore` asks for that only where
+    nothing on the way can alter the bytes: over TLS, or to a loopback endpoint (a store on
+    the same host). Over plain HTTP to another host the payload stays signed, so a part
+    altered on the way is refused by the server.
     """
 
     def _build_headers(
@@ -76,6 +80,16 @@ class _Minio(Minio):
         built["Content-Length"] = str(len(body))
         built[_PAYLOAD_HASH] = _UNSIGNED_PAYLOAD
         return built, date
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = urlsplit(f"//{endpoint}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str | list[str] | tuple[str]]:
@@ -112,6 +126,12 @@ class S3ObjectStore:
             secure=settings.secure,
             region=settings.region,
             http_client=http,
+        )
+        # See `_Minio`: skip the per-part payload hash only where the transport protects it.
+        self._part_headers = (
+            {_PAYLOAD_HASH: _UNSIGNED_PAYLOAD}
+            if settings.secure or _is_loopback(settings.endpoint)
+            else {}
         )
         self._bucket_ready = False
         # MinIO, SeaweedFS and AWS honour If-None-Match on PUT; turned off if a server says
@@ -264,7 +284,7 @@ class S3ObjectStore:
                         self.bucket,
                         key,
                         part,
-                        {_PAYLOAD_HASH: _UNSIGNED_PAYLOAD},
+                        dict(self._part_headers),
                         upload_id,
                         number,
                     )
