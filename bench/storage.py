@@ -46,6 +46,7 @@ from minio.deleteobjects import DeleteObject
 from PIL import Image
 from rich.console import Console
 
+from imagemesh.ports import free_loopback_port
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,17 +86,11 @@ def _ensure_minio() -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServiceProcess:
     """`imagemesh serve storage` on MinIO, in its own process."""
 
     def __init__(self, bucket: str, state_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_loopback_port()
         self.address = f"127.0.0.1:{self.port}"
         env = {
             **os.environ,
@@ -108,7 +103,7 @@ class ServiceProcess:
             # The 1 GiB image has 134 Mpx; the default limit (64 Mpx) would refuse it.
             "IMAGEMESH_STORAGE__MAX_IMAGE_PIXELS": str(200_000_000),
             # No search service in this bench: updates wait in the outbox, as in an outage.
-            "IMAGEMESH_SEARCH_ADDRESS": f"127.0.0.1:{_free_port()}",
+            "IMAGEMESH_SEARCH_ADDRESS": f"127.0.0.1:{free_loopback_port()}",
             "IMAGEMESH_SERVER__ACCESS_LOG": "false",
             "IMAGEMESH_SERVER__LOG_LEVEL": "WARNING",
         }
@@ -200,7 +195,7 @@ def _serve_bare(port: int) -> None:
 def bench_ceiling(raw_up: float, raw_down: float) -> dict[str, float]:
     """The same transfers (1 MiB messages, the same client) against a bare grpc.aio server
     in its own process: the most any gRPC service can reach on this machine, no store."""
-    port = _free_port()
+    port = free_loopback_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.storage", "--bare-server", str(port)], cwd=ROOT
     )
@@ -243,8 +238,12 @@ def bench_ceiling(raw_up: float, raw_down: float) -> dict[str, float]:
     return {
         "bare_grpc_upload_mb_per_s": round(bare_up, 1),
         "bare_grpc_download_mb_per_s": round(bare_down, 1),
-        "ceiling_ratio_upload_large": round(bare_up / raw_up, 3),
-        "ceiling_ratio_download_large": round(bare_down / raw_down, 3),
+        # Each byte crosses two hops (client -> service over gRPC, service -> store), and on
+        # two shared cores both hops cost CPU: done one after the other at their separate
+        # best rates, the ratio against the raw client is bare / (bare + raw). A service can
+        # beat this only by overlapping the hops on otherwise idle cores.
+        "two_hop_ratio_upload_large": round(bare_up / (bare_up + raw_up), 3),
+        "two_hop_ratio_download_large": round(bare_down / (bare_down + raw_down), 3),
     }
 
 
