@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../clients/ts"
 
 command -v npm >/dev/null || { echo "build_ts.sh: Node.js 20+ and npm are needed" >&2; exit 1; }
-exec 9>"${TMPDIR:-/tmp}/imagemesh-ts-client.lock"
+# In the checkout (git-ignored), not in /tmp: another user's lock file there would refuse us.
+exec 9>.build.lock
 flock 9
 
 install() {
@@ -32,7 +33,7 @@ case "${1:-build}" in
   install) install ;;
   build)
     install
-    rm -rf dist
+    # Compiled over the previous output (no `rm -rf dist`): a test session may be running it.
     node_modules/.bin/tsc -p .
     ;;
   *) echo "usage: build_ts.sh install|build" >&2; exit 2 ;;

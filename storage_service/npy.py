@@ -10,7 +10,11 @@ import numpy as np
 
 from imagemesh.errors import InvalidArgument
 
-__all__ = ["NpyFacts", "parse_npy"]
+__all__ = ["HEADER_PROBE_BYTES", "NpyFacts", "parse_npy", "read_npy_header"]
+
+# Enough for the header of any array with a sensible shape (numpy pads headers to 64 bytes;
+# a 1.0 header holds at most 65,535). A longer header is read in full by the caller.
+HEADER_PROBE_BYTES = 4096
 
 _MAGIC = b"\x93NUMPY"
 
@@ -21,6 +25,32 @@ class NpyFacts:
 
     dtype: str
     shape: tuple[int, ...]
+
+
+def read_npy_header(prefix: bytes) -> NpyFacts | None:
+    """The dtype and shape in the header at the start of `prefix` (the first bytes of a
+    trusted `.npy` object), or None when `prefix` stops before the header ends.
+
+    Reads only the header, so listing large arrays costs a few KiB each, not their data.
+    """
+    from numpy.lib import format as npy_format
+
+    stream = BytesIO(prefix)
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _fortran, dtype = npy_format.read_array_header_1_0(
+                stream, max_header_size=len(prefix)
+            )
+        elif version == (2, 0):
+            shape, _fortran, dtype = npy_format.read_array_header_2_0(
+                stream, max_header_size=len(prefix)
+            )
+        else:  # format 3.0 (utf-8 field names): no public header reader; parse it whole
+            return None
+    except (ValueError, EOFError):
+        return None
+    return NpyFacts(dtype=dtype.str, shape=tuple(int(n) for n in shape))
 
 
 def _bad(message: str, reason: str = "INVALID_NPY", field: str = "npy_content") -> InvalidArgument:

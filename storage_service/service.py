@@ -50,7 +50,7 @@ from storage_service.layout import (
     image_links_prefix,
     record_sidecar_key,
 )
-from storage_service.npy import parse_npy
+from storage_service.npy import HEADER_PROBE_BYTES, NpyFacts, parse_npy, read_npy_header
 from storage_service.outbox import Outbox
 from storage_service.records import SIDECAR, ImageRecord
 from storage_service.search_client import image_document
@@ -386,19 +386,25 @@ class StorageDomain:
     async def _start_spill(self, fields: UploadFields) -> _Spill:
         path = self._spill_dir / uuid.uuid4().hex
         spill = _Spill(path)
-        if fields.expected_sha256:
-            sha = fields.expected_sha256
-            existing = await self._run(self._read_record, sha)
-            if existing is not None:
-                spill.duplicate_of = existing
-                spill.keep_file = False
-            else:
-                # The client told us the hash, so the bytes can stream to their final key
-                # while they arrive; S3 shows them only if the multipart upload completes,
-                # which happens only after every check passed.
-                spill.start_store_write(
-                    self, image_key(sha), {"record": SIDECAR}, fields.content_type
-                )
+        try:
+            if fields.expected_sha256:
+                sha = fields.expected_sha256
+                existing = await self._run(self._read_record, sha)
+                if existing is not None:
+                    spill.duplicate_of = existing
+                    spill.keep_file = False
+                else:
+                    # The client told us the hash, so the bytes can stream to their final
+                    # key while they arrive; S3 shows them only if the multipart upload
+                    # completes, which happens only after every check passed.
+                    spill.start_store_write(
+                        self, image_key(sha), {"record": SIDECAR}, fields.content_type
+                    )
+        except BaseException:
+            # The caller never gets this spill to clean up: its file goes now.
+            await spill.abort()
+            spill.cleanup()
+            raise
         return spill
 
     async def _commit_spill(
@@ -423,7 +429,7 @@ class StorageDomain:
             # The sidecar before the commit: the bytes must never be visible without their
             # record. The log entry is written meanwhile (a log entry without an image is
             # skipped by listings), so the two round trips overlap.
-            await asyncio.gather(
+            results = await asyncio.gather(
                 self._log_writes.add((record.dataset, sha, record.generation)),
                 self._run(
                     self.store.put_bytes,
@@ -431,7 +437,15 @@ class StorageDomain:
                     record.to_json(),
                     "application/json",
                 ),
+                return_exceptions=True,
             )
+            # Both finish before any error surfaces, so a failed upload's abort never races
+            # a sidecar write still in flight.
+            # (A sidecar written before the log failed stays: another upload of the same
+            # bytes may be committing with it, and an image's absence makes it inert.)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
             await spill.commit()
         else:
             await self._log_writes.add((record.dataset, sha, record.generation))
@@ -473,11 +487,15 @@ class StorageDomain:
             # Nothing to check against the record first: its read (one or two round trips)
             # and the opening of the bytes overlap instead of adding up.
             key = image_key(image_sha256(name))
-            found, opened = await asyncio.gather(
-                self.get_image(name),
-                self._run(self.store.get_range, key, 0, length or None),
-                return_exceptions=True,
-            )
+            opening = asyncio.ensure_future(self._run(self.store.get_range, key, 0, length or None))
+            try:
+                found, opened = await asyncio.gather(
+                    self.get_image(name), asyncio.shield(opening), return_exceptions=True
+                )
+            except BaseException:
+                # Cancelled: the store's thread still opens the bytes; release them then.
+                opening.add_done_callback(_close_opened)
+                raise
             if isinstance(found, BaseException) or isinstance(opened, BaseException):
                 if not isinstance(opened, BaseException):
                     close = getattr(opened, "close", None)
@@ -651,11 +669,12 @@ class StorageDomain:
             update_time=datetime.now(tz=UTC),
         )
 
-    def _array_info(self, name: str, info: ObjectInfo) -> ArrayInfo:
+    def _array_info(self, name: str, info: ObjectInfo, content: bytes | None = None) -> ArrayInfo:
         shape_text = info.metadata.get("shape")
         dtype = info.metadata.get("dtype")
-        if dtype is None or shape_text is None:  # written by someone else: read its header
-            facts = parse_npy(self.store.get_bytes(info.key))
+        if dtype is None or shape_text is None:
+            # Written without metadata (batch jobs, other writers): the `.npy` header says.
+            facts = self._npy_facts(info, content)
             dtype, shape = facts.dtype, facts.shape
         else:
             shape = tuple(int(n) for n in shape_text.split(",") if n)
@@ -667,6 +686,17 @@ class StorageDomain:
             update_time=info.last_modified,
         )
 
+    def _npy_facts(self, info: ObjectInfo, content: bytes | None) -> NpyFacts:
+        """The dtype and shape of a stored array: from `content` when the caller already
+        holds the bytes, else from the object's first few KiB (never its whole data)."""
+        if content is None:
+            prefix = b"".join(self.store.get_range(info.key, 0, HEADER_PROBE_BYTES))
+            facts = read_npy_header(prefix)
+            if facts is not None:
+                return facts
+            content = self.store.get_bytes(info.key)
+        return read_npy_header(content) or parse_npy(content)
+
     async def get_array(self, name: str) -> tuple[ArrayInfo, bytes]:
         """The array's metadata and bytes; `NotFound` if there is none."""
         key = array_object_key(array_key(name))
@@ -675,7 +705,11 @@ class StorageDomain:
             info = self.store.stat(key)
             if info is None:
                 raise NotFound(f"no array {name}", reason="ARRAY_NOT_FOUND")
-            return self._array_info(name, info), self.store.get_bytes(key)
+            try:
+                content = self.store.get_bytes(key)
+            except NotFound:  # deleted between the two calls
+                raise NotFound(f"no array {name}", reason="ARRAY_NOT_FOUND") from None
+            return self._array_info(name, info, content), content
 
         return await self._run(read)
 
@@ -736,6 +770,14 @@ class StorageDomain:
                 self.store.delete(image_link_key(image, key))
 
         await self._run(delete)
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    close = getattr(opening.result(), "close", None)
+    if close is not None:
+        close()
 
 
 def _page_size(page_size: int) -> int:

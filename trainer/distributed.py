@@ -158,8 +158,7 @@ def _extract_partition(
     the current one (at most `_READ_AHEAD` batches ahead, so memory stays bounded whatever the
     partition's size): the object store's latency and the PNG decoding hide behind extraction.
     Batches are small because on the one core a task owns a batch of 64-256 runs at the same
-    rate per image; a small first batch starts the backbone sooner, and a partition of a single
-    shard still overlaps its reads.
+    rate per image, and a partition of a single shard still overlaps its reads.
     """
     store = _worker_store(storage)
     part = list(shas)

@@ -14,6 +14,8 @@ the local folder, MinIO and SeaweedFS:
   (multipart on S3), `get_range` yields chunks.
 - A missing object raises `imagemesh.errors.NotFound` from `get_bytes`, `get_range` (at call
   time, before any chunk) and `download_file`; `stat` returns None; `delete` is idempotent.
+- `get_range` opens the object when called and returns an `OpenedRange`: its `close()`
+  releases the connection or file, also when no chunk was read.
 - `list_keys` yields every key starting with `prefix` and greater than `start_after`, in
   lexicographic (code point) order, lazily: resuming from `start_after` is cheap.
   `list_prefixes` yields the "sub-folders" directly under a prefix, like S3's delimiter.
@@ -40,6 +42,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ObjectInfo",
     "ObjectStore",
+    "OpenedRange",
     "open_object_store",
     "validate_key",
 ]
@@ -47,6 +50,32 @@ __all__ = [
 # The size of the chunks `get_range` yields: large enough for throughput, small enough to
 # forward as one gRPC message.
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+
+class OpenedRange(Iterator[bytes]):
+    """The chunks of an opened object range, closable before the first chunk.
+
+    A generator that never started does not run its `finally`, so a caller that drops an
+    opened range unread (a cancelled download) would hold a pooled connection or a file
+    until garbage collection; `close()` releases it at once. Closing twice is harmless.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], release: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._release = release
+
+    def __iter__(self) -> OpenedRange:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stops the chunks and releases what the range holds open."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        self._release()
 
 
 @dataclass(frozen=True)

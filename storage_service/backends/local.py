@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from imagemesh.errors import InvalidArgument, NotFound, Unavailable
-from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo
+from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo, OpenedRange
 from storage_service.backends.keys import validate_key
 
 __all__ = ["LocalObjectStore"]
@@ -190,7 +190,7 @@ class LocalObjectStore:
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         source = self._open(key)  # raises NotFound now, not at the first next()
-        return _read_range(source, offset, length)
+        return OpenedRange(_read_range(source, offset, length), source.close)
 
     def download_file(self, key: str, path: Path) -> None:
         """See `ObjectStore.download_file`."""

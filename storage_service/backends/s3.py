@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -28,7 +29,7 @@ from minio.helpers import genheaders
 
 from imagemesh.config import S3Settings
 from imagemesh.errors import FailedPrecondition, ImageMeshError, NotFound, Unavailable
-from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo
+from storage_service.backends import DEFAULT_CHUNK_BYTES, ObjectInfo, OpenedRange
 from storage_service.backends.keys import validate_key
 
 __all__ = ["DEFAULT_PART_BYTES", "S3ObjectStore"]
@@ -62,9 +63,9 @@ class _Minio(Minio):
     upload is a second full hash of bytes the service has just hashed itself (a fifth of
     the upload path's CPU). A request whose headers ask for `UNSIGNED-PAYLOAD` is signed
     without it, as the SDK itself does over HTTPS. `S3ObjectStore` asks for that only where
-    nothing on the way can alter the bytes: over TLS, or to a loopback endpoint (a store on
-    the same host). Over plain HTTP to another host the payload stays signed, so a part
-    altered on the way is refused by the server.
+    nothing on the way can alter the bytes: a loopback endpoint (a store on the same host).
+    Over plain HTTP to another host the payload stays signed, so a part altered on the way
+    is refused by the server.
     """
 
     def _build_headers(
@@ -80,6 +81,15 @@ class _Minio(Minio):
         built["Content-Length"] = str(len(body))
         built[_PAYLOAD_HASH] = _UNSIGNED_PAYLOAD
         return built, date
+
+
+def _nothing() -> None:
+    return None
+
+
+def _release(response: Any) -> None:
+    response.close()
+    response.release_conn()
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -127,10 +137,12 @@ class S3ObjectStore:
             region=settings.region,
             http_client=http,
         )
-        # See `_Minio`: skip the per-part payload hash only where the transport protects it.
+        # See `_Minio`: skip the per-part payload hash on a plain-HTTP loopback connection.
+        # Over TLS the SDK already signs parts as UNSIGNED-PAYLOAD (and adds the Content-MD5
+        # that some buckets, e.g. with Object Lock, require), so it is left to do so.
         self._part_headers = (
             {_PAYLOAD_HASH: _UNSIGNED_PAYLOAD}
-            if settings.secure or _is_loopback(settings.endpoint)
+            if not settings.secure and _is_loopback(settings.endpoint)
             else {}
         )
         self._bucket_ready = False
@@ -385,15 +397,15 @@ class S3ObjectStore:
             # The SDK reads length 0 as "to the end"; an empty range still needs the object.
             if self.stat(key) is None:
                 raise NotFound(f"no object {key!r}")
-            return iter(())
+            return OpenedRange(iter(()), _nothing)
         try:
             response = self._client_get(key, offset, length or 0)
         except _RangePastEnd:
             # S3 refuses a range that starts at or past the end; the contract is "no bytes".
             if self.stat(key) is None:
                 raise NotFound(f"no object {key!r}") from None
-            return iter(())
-        return self._stream(response, key)
+            return OpenedRange(iter(()), _nothing)
+        return OpenedRange(self._stream(response, key), partial(_release, response))
 
     def _client_get(self, key: str, offset: int, length: int) -> Any:
         def get() -> Any:
@@ -413,8 +425,7 @@ class S3ObjectStore:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 self._raise(exc, key)
         finally:
-            response.close()
-            response.release_conn()
+            _release(response)
 
     def download_file(self, key: str, path: Path) -> None:
         """See `ObjectStore.download_file`."""

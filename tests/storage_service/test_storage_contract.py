@@ -273,3 +273,25 @@ async def test_stored_and_deleted_images_reach_the_search_index(storage_server):
     await search.wait_for(lambda: image.name in search.deleted)
     assert image.name not in search.documents
     await search.wait_for(lambda: storage_server.runtime.outbox.pending() == 0)
+
+
+async def test_arrays_written_without_metadata_are_described_by_their_header(storage_server):
+    # As batch jobs write them: the bare `.npy` bytes, no dtype/shape metadata; one array
+    # large enough that reading it whole just to list it would show (3 MiB).
+    big = np.zeros((512, 512, 3), dtype="<f4")
+    small = np.arange(5, dtype="<i8")
+    storage_server.store.put_bytes("arrays/inputs/m/v1/big.npy", _npy(big))
+    storage_server.store.put_bytes("arrays/inputs/m/v1/small.npy", _npy(small))
+    page = await storage_server.stub.ListArrays(
+        storage_pb2.ListArraysRequest(prefix="arrays/inputs/m/v1/")
+    )
+    facts = {a.name: (a.dtype, list(a.shape), a.size_bytes) for a in page.arrays}
+    assert facts == {
+        "arrays/inputs/m/v1/big.npy": ("<f4", [512, 512, 3], len(_npy(big))),
+        "arrays/inputs/m/v1/small.npy": ("<i8", [5], len(_npy(small))),
+    }
+    got = await storage_server.stub.GetArray(
+        storage_pb2.GetArrayRequest(name="arrays/inputs/m/v1/small.npy")
+    )
+    assert (got.array.dtype, list(got.array.shape)) == ("<i8", [5])
+    assert np.array_equal(np.load(io.BytesIO(got.npy_content)), small)
