@@ -55,7 +55,12 @@ def test_object_reads_back_whole_after_a_drive_is_lost_and_the_drive_heals(
     )
 
     lost = drives[1]
-    shutil.rmtree(lost)
+    # Renamed away first, in one atomic step: MinIO keeps writing into its drives (background
+    # scans, temp files), and removing the folder in place raced those writes ("Directory not
+    # empty"). What MinIO still writes through open handles lands in the renamed folder.
+    gone = lost.with_name(f"{lost.name}.lost-{os.getpid()}")
+    os.rename(lost, gone)
+    shutil.rmtree(gone, ignore_errors=True)
     try:
         response = client.get_object(minio_bucket.name, key)
         try:
@@ -68,6 +73,7 @@ def test_object_reads_back_whole_after_a_drive_is_lost_and_the_drive_heals(
     finally:
         # An empty folder in its place is a "replaced drive": MinIO formats it and heals onto it.
         lost.mkdir(exist_ok=True)
+        shutil.rmtree(gone, ignore_errors=True)
 
     deadline = time.monotonic() + HEAL_TIMEOUT_S
     while not _shard_files(lost, minio_bucket.name, key):
