@@ -7,6 +7,8 @@ under `arrays/features/{identity}/`:
 
     backbone.weights.h5   the exact backbone weights (so every worker, and the published
                           classifier, use the very network that produced the cached features)
+    backbone.weights.sha256  the weights' SHA-256 (hex), so that publishing a head on them needs
+                          neither the network nor its 28 MB (not `.json`: that names a shard)
     {shard}.npy           float32 (n, 1024): the features of n images
     {shard}.json          {"sha256": [...]}: which image each row is; written after the .npy,
                           so a shard whose .json exists is complete
@@ -37,11 +39,14 @@ __all__ = [
     "Extractor",
     "FeatureCache",
     "FeatureStore",
+    "backbone_weights_key",
+    "backbone_weights_sha256",
     "load_backbone",
 ]
 
 FEATURES_PREFIX = "arrays/features/"
 _WEIGHTS = "backbone.weights.h5"
+_WEIGHTS_DIGEST = "backbone.weights.sha256"
 
 
 class FeatureStore(Protocol):
@@ -87,6 +92,11 @@ class BackboneSpec:
         return weights_origin(self.weights)
 
 
+def backbone_weights_key(spec: BackboneSpec) -> str:
+    """Where the weights of `spec`'s backbone are stored (by `load_backbone`)."""
+    return f"{FEATURES_PREFIX}{spec.identity}/{_WEIGHTS}"
+
+
 def load_backbone(store: FeatureStore, spec: BackboneSpec) -> Any:
     """The backbone of `spec`, with the weights stored under its identity (stored first if new).
 
@@ -97,7 +107,7 @@ def load_backbone(store: FeatureStore, spec: BackboneSpec) -> Any:
 
     from inference_service.model.densenet import build_backbone
 
-    key = f"{FEATURES_PREFIX}{spec.identity}/{_WEIGHTS}"
+    key = backbone_weights_key(spec)
     if spec.weights is None:
         keras.utils.set_random_seed(spec.seed)
     backbone = build_backbone(spec.input_size, spec.weights)
@@ -109,7 +119,32 @@ def load_backbone(store: FeatureStore, spec: BackboneSpec) -> Any:
         except NotFound:
             backbone.save_weights(path)
             store.put_file(key, path)
+        if not store.exists(_digest_key(spec)):
+            _store_digest(store, spec, path)
     return backbone
+
+
+def backbone_weights_sha256(store: FeatureStore, spec: BackboneSpec) -> str:
+    """The SHA-256 of the stored weights of `spec`; `NotFound` if `load_backbone` never ran."""
+    try:
+        return store.get_bytes(_digest_key(spec)).decode().strip()
+    except NotFound:
+        pass
+    # Weights stored before their digest was recorded: hashed once, recorded from now on.
+    with tempfile.TemporaryDirectory(prefix="imagemesh-backbone-") as tmp:
+        path = Path(tmp) / _WEIGHTS
+        store.download_file(backbone_weights_key(spec), path)
+        return _store_digest(store, spec, path)
+
+
+def _digest_key(spec: BackboneSpec) -> str:
+    return f"{FEATURES_PREFIX}{spec.identity}/{_WEIGHTS_DIGEST}"
+
+
+def _store_digest(store: FeatureStore, spec: BackboneSpec, path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    store.put_bytes(_digest_key(spec), digest.encode())
+    return digest
 
 
 class Extractor:

@@ -39,7 +39,15 @@ from imagemesh.errors import NotFound
 from .clean import CleanResult, Inspected, finish_clean
 from .distributed import extract_local, extract_spark, inspect_local, inspect_spark, read_pixels
 from .evaluate import Evaluation, evaluate, plot_confusion
-from .features import BackboneSpec, Extractor, FeatureCache, FeatureStore, load_backbone
+from .features import (
+    BackboneSpec,
+    Extractor,
+    FeatureCache,
+    FeatureStore,
+    backbone_weights_key,
+    backbone_weights_sha256,
+    load_backbone,
+)
 from .head import EpochStats, HeadConfig, train_head
 from .images import LabelledImage
 from .networks import (
@@ -196,19 +204,27 @@ def run_training(
     clock = _Clock()
     spec = BackboneSpec(options.input_size, options.weights, options.seed)
     use_features = options.architecture == "densenet121"
-    # Building DenseNet121 takes seconds, and every run needs it: to extract, or to publish
-    # the classifier. It is built in the background from the start, so that it overlaps the
-    # clean stage (on Spark: the application's start) or, with every feature cached, the
-    # head's training. (Should cleaning fail, the thread finishes a build nobody joins.)
+    # Building DenseNet121 takes seconds. A run needs it to extract features or to fine-tune;
+    # a head-only run on cached features does not (it publishes the head on the stored
+    # weights). When it will likely be needed, it is built in the background from the start,
+    # overlapping the clean stage (on Spark: the application's start). (Should cleaning fail,
+    # the thread finishes a build nobody joins.)
     builder = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-backbone")
     backbone_future: Future[Any] | None = None
-    if use_features:
-        backbone_future = builder.submit(load_backbone, store, spec)
+
+    def backbone() -> Future[Any]:
+        nonlocal backbone_future
+        if backbone_future is None:
+            backbone_future = builder.submit(load_backbone, store, spec)
+        return backbone_future
 
     # 1. clean
     clock.start()
     progress.start("clean", len(records))
     cached_inspection = _cached_inspection(store, records, options.input_size)
+    if use_features and (cached_inspection is None or options.fine_tune):
+        # A dataset never inspected has never had its features extracted either.
+        backbone()
     if cached_inspection is not None:
         inspected = cached_inspection
         progress.advance("clean", len(records), "from the inspection cache")
@@ -244,11 +260,10 @@ def run_training(
     extracted = cached = 0
     cache = FeatureCache(store, spec.identity)
     if use_features:
-        assert backbone_future is not None
         missing = cache.missing(train_shas + val_shas)
         if missing:
             # Joined first: it stores the weights under the identity, which the workers load.
-            backbone_future.result()
+            backbone().result()
         cached = len(set(train_shas + val_shas)) - len(missing)
         progress.start("extract", len(missing))
         if missing and spark_context is not None:
@@ -260,7 +275,7 @@ def run_training(
                 store,
                 spec,
                 missing,
-                extractor=Extractor(backbone_future.result()),
+                extractor=Extractor(backbone().result()),
                 progress=lambda n: progress.advance("extract", n),
             )
         progress.finish(
@@ -275,8 +290,10 @@ def run_training(
     clock.start()
     head_accuracy: float | None = None
     history: list[dict[str, float]] = []
+    # What is published: the whole classifier, or (head-only runs) the head on stored weights.
+    classifier: Any = None
+    trained_head: Any = None
     if use_features:
-        assert backbone_future is not None
         cache.index(refresh=True)
         x_train = cache.load(train_shas)
         x_val = cache.load(val_shas)
@@ -305,12 +322,11 @@ def run_training(
             on_epoch=on_head_epoch,
         )
         head_accuracy = head_result.best_val_accuracy
-        from inference_service.model.densenet import build_classifier
-
-        classifier = build_classifier(backbone_future.result(), head_result.head)
-        builder.shutdown()
         best_accuracy, best_epoch = head_result.best_val_accuracy, head_result.best_epoch
         if options.fine_tune:
+            from inference_service.model.densenet import build_classifier
+
+            classifier = build_classifier(backbone().result(), head_result.head)
             pixels_train = read_pixels(store, train_shas, options.input_size)
             pixels_val = read_pixels(store, val_shas, options.input_size)
             tuned = train_on_pixels(
@@ -331,7 +347,8 @@ def run_training(
             best_accuracy, best_epoch = tuned.best_val_accuracy, tuned.best_epoch
             probabilities = classifier.predict(pixels_val.astype(np.float32), verbose=0)
         else:
-            probabilities = np.asarray(head_result.head.predict(x_val, verbose=0))
+            trained_head = head_result.head
+            probabilities = np.asarray(trained_head.predict(x_val, verbose=0))
         architecture = (
             FINE_TUNED_ARCHITECTURE if options.fine_tune else ("densenet121+dense-softmax")
         )
@@ -398,23 +415,42 @@ def run_training(
             val_shas,
             title=f"{architecture}{backbone_note}: validation, {evaluation.count} images",
         )
-        metadata = ModelRegistry(store).publish(
-            options.model,
-            classifier,
-            class_names=names,
-            backbone_weights=spec.metadata_weights if use_features else "none",
-            metrics={
-                **evaluation.metrics(),
-                "best_epoch": float(best_epoch),
-                "train_images": float(len(train_shas)),
-                "val_images": float(len(val_shas)),
-            },
-            version=version,
-            architecture=architecture,
-            preprocessing="densenet" if use_features else "rescale-1/255",
-            description=options.description
-            or f"{architecture} trained on {len(train_shas)} images; reports in {prefix}",
+        registry = ModelRegistry(store)
+        metrics = {
+            **evaluation.metrics(),
+            "best_epoch": float(best_epoch),
+            "train_images": float(len(train_shas)),
+            "val_images": float(len(val_shas)),
+        }
+        description = (
+            options.description
+            or f"{architecture} trained on {len(train_shas)} images; reports in {prefix}"
         )
+        if trained_head is not None:
+            # Head only: the head goes on the very backbone weights that made the features.
+            metadata = registry.publish_head(
+                options.model,
+                trained_head,
+                backbone_sha256=_registered_backbone(store, registry, spec),
+                input_size=options.input_size,
+                class_names=names,
+                backbone_weights=spec.metadata_weights,
+                metrics=metrics,
+                version=version,
+                description=description,
+            )
+        else:
+            metadata = registry.publish(
+                options.model,
+                classifier,
+                class_names=names,
+                backbone_weights=spec.metadata_weights if use_features else "none",
+                metrics=metrics,
+                version=version,
+                architecture=architecture,
+                preprocessing="densenet" if use_features else "rescale-1/255",
+                description=description,
+            )
         report.model_version = metadata.name
         report.report_prefix = prefix
         progress.finish("publish", f"published {metadata.name}")
@@ -424,6 +460,18 @@ def run_training(
     report.stage_seconds = clock.seconds
     builder.shutdown()
     return report
+
+
+def _registered_backbone(store: FeatureStore, registry: Any, spec: BackboneSpec) -> str:
+    """The SHA-256 of `spec`'s stored weights, copied into the model registry if new there."""
+    digest = backbone_weights_sha256(store, spec)
+    if not registry.has_backbone_weights(digest):
+        with tempfile.TemporaryDirectory(prefix="imagemesh-backbone-") as tmp:
+            path = Path(tmp) / "backbone.weights.h5"
+            store.download_file(backbone_weights_key(spec), path)
+            if registry.put_backbone_weights(path) != digest:
+                raise RuntimeError(f"the stored weights of {spec.identity} changed while read")
+    return str(digest)
 
 
 def _inspection_key(records: Sequence[LabelledImage], size: tuple[int, int]) -> str:

@@ -1,9 +1,18 @@
 """What a published model version is: its metadata, stored as `metadata.json` beside the model.
 
-A version lives under `models/{model}/versions/{version}/` in the object store:
+A version lives under `models/{model}/versions/{version}/` in the object store, in one of two
+layouts:
 
-    model.keras      the Keras 3 saved classifier (pixels in [0, 255] -> probabilities)
+    model.keras      format 1: the whole Keras 3 classifier (pixels in [0, 255] -> probabilities)
+    head.keras       format 2: only the trained head (features -> probabilities); the frozen
+                     backbone's weights are `models/_backbones/{sha256}.weights.h5`, named in the
+                     metadata by their SHA-256
     metadata.json    this module's `ModelMetadata`, written last
+
+Format 2 exists because a head-only training run changes a few kilobytes of a 28 MB network: every
+version trained on the same backbone shares one stored copy of its weights, and publishing one
+saves the head alone. The blob is content-addressed, so it never changes once written, and a
+loader checks its hash. `_backbones` can never be a model's name (names start with [a-z0-9]).
 
 `metadata.json` is written after the model file, so a version whose metadata exists is complete;
 readers ignore folders without one (a publish that died halfway).
@@ -22,17 +31,29 @@ from imagemesh.errors import FailedPrecondition
 from imagemesh.names import model_version_name
 
 __all__ = [
+    "BACKBONES_PREFIX",
     "FORMAT_VERSION",
+    "HEAD_FILE",
     "METADATA_FILE",
     "MODEL_FILE",
     "ModelMetadata",
+    "backbone_key",
     "new_version_id",
     "version_prefix",
 ]
 
-FORMAT_VERSION = 1
+# The newest layout this code reads; each version is written in the oldest format that can hold
+# it, so servers that predate format 2 keep reading whole-model versions.
+FORMAT_VERSION = 2
 MODEL_FILE = "model.keras"
+HEAD_FILE = "head.keras"
 METADATA_FILE = "metadata.json"
+BACKBONES_PREFIX = "models/_backbones/"
+
+
+def backbone_key(sha256: str) -> str:
+    """Where the backbone weights with this SHA-256 (hex) are stored."""
+    return f"{BACKBONES_PREFIX}{sha256}.weights.h5"
 
 
 def version_prefix(model: str, version: str) -> str:
@@ -64,7 +85,14 @@ class ModelMetadata:
     create_time: datetime
     metrics: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
-    format_version: int = FORMAT_VERSION
+    # Empty: the version is one whole `model.keras` (format 1). Otherwise the SHA-256 of the
+    # backbone weights its `head.keras` sits on (format 2).
+    backbone_sha256: str = ""
+
+    @property
+    def format_version(self) -> int:
+        """1 for a whole-model version, 2 for a head on shared backbone weights."""
+        return 2 if self.backbone_sha256 else 1
 
     @property
     def name(self) -> str:
@@ -92,6 +120,8 @@ class ModelMetadata:
             "create_time": self.create_time.astimezone(UTC).isoformat(),
             "description": self.description,
         }
+        if self.backbone_sha256:
+            document["backbone_sha256"] = self.backbone_sha256
         return json.dumps(document, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -108,6 +138,12 @@ class ModelMetadata:
             created = datetime.fromisoformat(document["create_time"])
             if created.tzinfo is None:
                 created = created.replace(tzinfo=UTC)
+            backbone_sha256 = _sha256_hex(document.get("backbone_sha256", ""))
+            if (format_version >= 2) != bool(backbone_sha256):
+                raise ValueError(
+                    f"format_version {format_version} "
+                    + ("needs a backbone_sha256" if format_version >= 2 else "has no backbone")
+                )
             return cls(
                 model=str(document["model"]),
                 version=str(document["version"]),
@@ -120,10 +156,18 @@ class ModelMetadata:
                 metrics={str(k): float(v) for k, v in dict(document.get("metrics", {})).items()},
                 create_time=created,
                 description=str(document.get("description", "")),
-                format_version=format_version,
+                backbone_sha256=backbone_sha256,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FailedPrecondition(
                 f"the model metadata at {where} is not valid: {exc}",
                 reason="INVALID_MODEL_METADATA",
             ) from None
+
+
+def _sha256_hex(value: object) -> str:
+    # It becomes part of an object key: anything but 64 lowercase hex digits is refused.
+    text = str(value)
+    if text and (len(text) != 64 or any(c not in "0123456789abcdef" for c in text)):
+        raise ValueError(f"backbone_sha256 must be 64 lowercase hex digits, got {text[:80]!r}")
+    return text

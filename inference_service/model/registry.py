@@ -8,6 +8,7 @@ loading); async callers run them in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -18,13 +19,21 @@ from imagemesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument,
 from imagemesh.names import parse_model_version
 
 from .artifact import (
+    HEAD_FILE,
     METADATA_FILE,
     MODEL_FILE,
     ModelMetadata,
+    backbone_key,
     new_version_id,
     version_prefix,
 )
-from .densenet import ARCHITECTURE, PREPROCESSING
+from .densenet import (
+    ARCHITECTURE,
+    FEATURE_SIZE,
+    PREPROCESSING,
+    build_backbone,
+    build_classifier,
+)
 
 __all__ = [
     "ModelObjectStore",
@@ -93,43 +102,134 @@ class ModelRegistry:
         name. Raises `InvalidArgument` for a bad name or a model that does not match its
         class names, `AlreadyExists` if the version exists.
         """
-        _check_part(model, "model")
-        version = version or new_version_id()
-        _check_part(version, "version")
         input_shape = tuple(keras_model.input_shape)
-        output_shape = tuple(keras_model.output_shape)
         if len(input_shape) != 4 or input_shape[3] != 3:
             raise InvalidArgument(
                 f"the model must take (batch, height, width, 3) pixels, it takes {input_shape}"
             )
-        if output_shape[-1] != len(class_names) or len(set(class_names)) != len(class_names):
+        metadata = self._new_metadata(
+            model,
+            version,
+            keras_model,
+            class_names=class_names,
+            input_size=(int(input_shape[1]), int(input_shape[2])),
+            backbone_weights=backbone_weights,
+            metrics=metrics,
+            architecture=architecture,
+            preprocessing=preprocessing,
+            description=description,
+        )
+        self._write(metadata, MODEL_FILE, keras_model)
+        return metadata
+
+    def publish_head(
+        self,
+        model: str,
+        head: Any,
+        *,
+        backbone_sha256: str,
+        input_size: tuple[int, int],
+        class_names: Sequence[str],
+        backbone_weights: str,
+        metrics: Mapping[str, float] | None = None,
+        version: str | None = None,
+        description: str = "",
+    ) -> ModelMetadata:
+        """Publishes a trained head on stored DenseNet121 weights as a new version (format 2).
+
+        `head` maps (batch, 1024) features to one probability per class name; the backbone is
+        the weights stored by `put_backbone_weights` under `backbone_sha256`, taking pixels of
+        `input_size`. Served, the version is `build_classifier(backbone, head)`: the same
+        network as publishing the composed classifier, without saving the backbone again.
+        `FailedPrecondition` if those weights are not stored.
+        """
+        if tuple(head.input_shape[1:]) != (FEATURE_SIZE,):
             raise InvalidArgument(
-                f"the model has {output_shape[-1]} outputs but {len(class_names)} class names "
+                f"a head must take (batch, {FEATURE_SIZE}) features, it takes {head.input_shape}"
+            )
+        if not self.has_backbone_weights(backbone_sha256):
+            raise FailedPrecondition(
+                f"no backbone weights are stored under {backbone_key(backbone_sha256)}; "
+                "store them with put_backbone_weights first",
+                reason="BACKBONE_WEIGHTS_MISSING",
+            )
+        metadata = self._new_metadata(
+            model,
+            version,
+            head,
+            class_names=class_names,
+            input_size=input_size,
+            backbone_weights=backbone_weights,
+            metrics=metrics,
+            architecture=ARCHITECTURE,
+            preprocessing=PREPROCESSING,
+            description=description,
+            backbone_sha256=backbone_sha256,
+        )
+        self._write(metadata, HEAD_FILE, head)
+        return metadata
+
+    def put_backbone_weights(self, path: Path) -> str:
+        """Stores a DenseNet121 weights file (`save_weights`) once; returns its SHA-256."""
+        digest = _file_sha256(path)
+        # Content-addressed: an object under this key already holds these very bytes.
+        if not self.has_backbone_weights(digest):
+            self._store.put_file(backbone_key(digest), path)
+        return digest
+
+    def has_backbone_weights(self, sha256: str) -> bool:
+        """Whether backbone weights with this SHA-256 are stored."""
+        return self._store.exists(backbone_key(sha256))
+
+    def _new_metadata(
+        self,
+        model: str,
+        version: str | None,
+        keras_model: Any,
+        *,
+        class_names: Sequence[str],
+        input_size: tuple[int, int],
+        backbone_weights: str,
+        metrics: Mapping[str, float] | None,
+        architecture: str,
+        preprocessing: str,
+        description: str,
+        backbone_sha256: str = "",
+    ) -> ModelMetadata:
+        _check_part(model, "model")
+        version = version or new_version_id()
+        _check_part(version, "version")
+        outputs = tuple(keras_model.output_shape)[-1]
+        if outputs != len(class_names) or len(set(class_names)) != len(class_names):
+            raise InvalidArgument(
+                f"the model has {outputs} outputs but {len(class_names)} class names "
                 "were given (they must match, and be distinct)"
             )
         if self._store.exists(version_prefix(model, version) + METADATA_FILE):
             raise AlreadyExists(f"models/{model}/versions/{version} is already published")
-        metadata = ModelMetadata(
+        return ModelMetadata(
             model=model,
             version=version,
             class_names=tuple(class_names),
-            input_height=int(input_shape[1]),
-            input_width=int(input_shape[2]),
+            input_height=input_size[0],
+            input_width=input_size[1],
             architecture=architecture,
             backbone_weights=backbone_weights,
             preprocessing=preprocessing,
             create_time=datetime.now(UTC),
             metrics=dict(metrics or {}),
             description=description,
+            backbone_sha256=backbone_sha256,
         )
+
+    def _write(self, metadata: ModelMetadata, file_name: str, keras_model: Any) -> None:
         with tempfile.TemporaryDirectory(prefix="imagemesh-publish-") as tmp:
-            path = Path(tmp) / MODEL_FILE
+            path = Path(tmp) / file_name
             keras_model.save(path)
-            self._store.put_file(metadata.prefix + MODEL_FILE, path)
+            self._store.put_file(metadata.prefix + file_name, path)
         # Last: the metadata's presence is what makes the version visible.
         self._store.put_bytes(metadata.prefix + METADATA_FILE, metadata.to_json())
-        self._metadata[(model, version)] = metadata
-        return metadata
+        self._metadata[(metadata.model, metadata.version)] = metadata
 
     # --- reading -------------------------------------------------------------------------
 
@@ -184,21 +284,67 @@ class ModelRegistry:
         loaded or does not match its metadata (the message says why).
         """
         metadata = self.get(name)
+        file_name = HEAD_FILE if metadata.backbone_sha256 else MODEL_FILE
         with tempfile.TemporaryDirectory(prefix="imagemesh-model-") as tmp:
-            path = Path(tmp) / MODEL_FILE
+            path = Path(tmp) / file_name
             try:
-                self._store.download_file(metadata.prefix + MODEL_FILE, path)
+                self._store.download_file(metadata.prefix + file_name, path)
             except NotFound:
                 raise FailedPrecondition(
-                    f"{name} has metadata but no {MODEL_FILE}; publish it again",
+                    f"{name} has metadata but no {file_name}; publish it again",
                     reason="MODEL_ARTIFACT_MISSING",
                 ) from None
-            keras_model = _load_keras(path, name)
+            keras_model = _load_keras(path, name, file_name)
+            if metadata.backbone_sha256:
+                backbone = self._load_backbone(metadata, Path(tmp))
+                keras_model = build_classifier(backbone, keras_model)
         _check_matches(keras_model, metadata)
         return metadata, keras_model
 
+    def _load_backbone(self, metadata: ModelMetadata, folder: Path) -> Any:
+        if not metadata.architecture.startswith("densenet121"):
+            raise FailedPrecondition(
+                f"{metadata.name} is a head on backbone weights, but its architecture "
+                f"{metadata.architecture!r} has no backbone this server can build",
+                reason="MODEL_ARTIFACT_INVALID",
+            )
+        key = backbone_key(metadata.backbone_sha256)
+        path = folder / "backbone.weights.h5"
+        try:
+            self._store.download_file(key, path)
+        except NotFound:
+            raise FailedPrecondition(
+                f"{metadata.name} needs the backbone weights {key}, which are not stored; "
+                "publish the version again from the trainer",
+                reason="MODEL_ARTIFACT_MISSING",
+            ) from None
+        if _file_sha256(path) != metadata.backbone_sha256:
+            raise FailedPrecondition(
+                f"the backbone weights {key} do not match their SHA-256; they were altered "
+                "after publication",
+                reason="MODEL_ARTIFACT_INVALID",
+            )
+        backbone = build_backbone((metadata.input_height, metadata.input_width), None)
+        try:
+            backbone.load_weights(path)
+        except Exception as exc:  # Keras raises many types for a bad file; all mean "unusable".
+            raise FailedPrecondition(
+                f"{metadata.name}'s backbone weights {key} cannot be loaded: "
+                f"{type(exc).__name__}: {exc}"[:1000],
+                reason="MODEL_ARTIFACT_INVALID",
+            ) from None
+        return backbone
 
-def _load_keras(path: Path, name: str) -> Any:
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_keras(path: Path, name: str, file_name: str) -> Any:
     import keras
 
     try:
@@ -206,7 +352,7 @@ def _load_keras(path: Path, name: str) -> Any:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file; all mean "unloadable".
         raise FailedPrecondition(
-            f"{name}'s {MODEL_FILE} cannot be loaded: {type(exc).__name__}: {exc}"[:1000],
+            f"{name}'s {file_name} cannot be loaded: {type(exc).__name__}: {exc}"[:1000],
             reason="MODEL_ARTIFACT_INVALID",
         ) from None
 

@@ -150,3 +150,107 @@ def test_an_artifact_that_does_not_match_its_metadata_is_refused(
     )
     with pytest.raises(FailedPrecondition, match=r"no model\.keras"):
         registry.load("models/default/versions/v3")
+
+
+def _head_version(registry: ModelRegistry, tiny_models: TinyModels, tmp_path: Path, version: str):
+    backbone, head = _backbone_and_head(tiny_models.first)
+    weights = tmp_path / f"{version}.weights.h5"
+    backbone.save_weights(weights)
+    digest = registry.put_backbone_weights(weights)
+    return registry.publish_head(
+        "default",
+        head,
+        backbone_sha256=digest,
+        input_size=(32, 32),
+        class_names=CLASS_NAMES,
+        backbone_weights="none",
+        version=version,
+    )
+
+
+def test_a_head_on_stored_backbone_weights_serves_the_same_network(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    registry = ModelRegistry(store)
+    first = _head_version(registry, tiny_models, tmp_path, "v1")
+    second = _head_version(registry, tiny_models, tmp_path, "v2")
+    assert first.format_version == 2
+    assert first.backbone_sha256 == second.backbone_sha256
+    # One copy of the weights however many versions sit on it; each version stores its head.
+    assert list(store.list_keys("models/_backbones/")) == [
+        f"models/_backbones/{first.backbone_sha256}.weights.h5"
+    ]
+    assert not store.exists(first.prefix + "model.keras")
+    metadata, keras_model = load(store, first.name)
+    assert metadata == first
+    assert [m.name for m in registry.list_versions()] == [second.name, first.name]
+    np.testing.assert_allclose(
+        reference(keras_model)(PIXELS[1]), reference(tiny_models.first)(PIXELS[1]), atol=1e-5
+    )
+
+
+def test_a_head_without_its_backbone_weights_is_refused(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    registry = ModelRegistry(store)
+    _, head = _backbone_and_head(tiny_models.first)
+    with pytest.raises(FailedPrecondition, match="no backbone weights are stored"):
+        registry.publish_head(
+            "default",
+            head,
+            backbone_sha256="0" * 64,
+            input_size=(32, 32),
+            class_names=CLASS_NAMES,
+            backbone_weights="none",
+        )
+    with pytest.raises(InvalidArgument, match="a head must take"):
+        registry.publish_head(
+            "default",
+            tiny_models.first,
+            backbone_sha256="0" * 64,
+            input_size=(32, 32),
+            class_names=CLASS_NAMES,
+            backbone_weights="none",
+        )
+    assert not list(store.list_keys("models/default/"))
+
+
+def test_altered_or_missing_backbone_weights_are_refused_at_load(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    good = _head_version(ModelRegistry(store), tiny_models, tmp_path, "v1")
+    key = f"models/_backbones/{good.backbone_sha256}.weights.h5"
+    original = store.get_bytes(key)
+    store.put_bytes(key, original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(FailedPrecondition, match="altered after publication"):
+        ModelRegistry(store).load(good.name)
+    store.delete(key)
+    with pytest.raises(FailedPrecondition, match="which are not stored"):
+        ModelRegistry(store).load(good.name)
+
+
+def test_head_metadata_round_trips_and_inconsistent_formats_are_refused(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    import json
+
+    good = _head_version(
+        ModelRegistry(LocalObjectStore(tmp_path / "objects")), tiny_models, tmp_path, "v1"
+    )
+    document = json.loads(good.to_json())
+    assert document["format_version"] == 2
+    assert ModelMetadata.from_json(good.to_json(), where="x") == good
+    cases = [
+        ({"format_version": 3}, "newer than this server reads"),
+        ({"backbone_sha256": "../../x"}, "64 lowercase hex digits"),
+        ({"format_version": 1}, "has no backbone"),
+    ]
+    for change, message in cases:
+        with pytest.raises(FailedPrecondition, match=message):
+            ModelMetadata.from_json(json.dumps({**document, **change}).encode(), where="x")
+    del document["backbone_sha256"]
+    with pytest.raises(FailedPrecondition, match="needs a backbone_sha256"):
+        ModelMetadata.from_json(json.dumps(document).encode(), where="x")

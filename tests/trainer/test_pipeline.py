@@ -12,6 +12,7 @@ import pytest
 from imagemesh.config import StorageSettings
 from inference_service.model.registry import ModelRegistry
 from storage_service.backends.local import LocalObjectStore
+from trainer import pipeline
 from trainer.datasets import CLASS_NAMES
 from trainer.distributed import read_pixels
 from trainer.evaluate import evaluate
@@ -48,7 +49,7 @@ def dataset(tmp_path: Path) -> tuple[LocalObjectStore, StorageSettings, list]:
 
 
 def test_second_run_extracts_nothing_and_published_model_matches_stored_predictions(
-    dataset: tuple[LocalObjectStore, StorageSettings, list],
+    dataset: tuple[LocalObjectStore, StorageSettings, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, settings, records = dataset
     options = TrainOptions(model="shapes", head=HeadConfig(epochs=3, batch_size=32))
@@ -56,12 +57,26 @@ def test_second_run_extracts_nothing_and_published_model_matches_stored_predicti
     first = run_training(records, store=store, storage=settings, options=options, progress=progress)
     assert progress.started == list(STAGES) == progress.finished
     assert (first.extracted, first.cached) == (100, 0)
+
+    def never_built(*_: object) -> None:
+        raise AssertionError("a run on cached features must not build the backbone")
+
+    # A spy, not a mock: the second run must publish without building DenseNet121 at all.
+    monkeypatch.setattr(pipeline, "load_backbone", never_built)
     second = run_training(records, store=store, storage=settings, options=options)
     assert (second.extracted, second.cached) == (0, 100)
     # Same cached features, same seed: the same head.
     assert second.best_val_accuracy == first.best_val_accuracy
+    # Both versions are a head on one shared copy of the backbone weights.
+    registry = ModelRegistry(store)
+    versions = [registry.get(r.model_version) for r in (first, second)]
+    assert versions[0].backbone_sha256 == versions[1].backbone_sha256 != ""
+    assert len(list(store.list_keys("models/_backbones/"))) == 1
+    for version in versions:
+        assert store.exists(version.prefix + "head.keras")
+        assert not store.exists(version.prefix + "model.keras")
 
-    prefix = first.report_prefix
+    prefix = second.report_prefix
     stored = json.loads(store.get_bytes(prefix + "evaluation.json"))
     labels = _npy(store, prefix + "val_labels.npy")
     probabilities = _npy(store, prefix + "val_probabilities.npy")
@@ -70,7 +85,7 @@ def test_second_run_extracts_nothing_and_published_model_matches_stored_predicti
     assert store.get_bytes(prefix + "confusion.png").startswith(b"\x89PNG")
     assert json.loads(store.get_bytes(prefix + "clean.json"))["val"] == len(labels) == 20
 
-    metadata, model = ModelRegistry(store).load(first.model_version)
+    metadata, model = ModelRegistry(store).load(second.model_version)
     assert metadata.metrics["val_accuracy"] == pytest.approx(stored["accuracy"])
     assert metadata.class_names == CLASS_NAMES_SORTED
     val_shas = json.loads(store.get_bytes(prefix + "val_images.json"))
