@@ -17,7 +17,8 @@
 - `val_accuracy_best`: the best configuration here (`best_config`), the basic CNN on pixels.
 - `speedup_second_run`: end-to-end `run_training` (Spark started by the run, clean, extract,
   head, evaluate, publish) on the same dataset, first run against second (cached inspection
-  and features; Spark is not even started).
+  and features; Spark is not even started, nor DenseNet121 built: the head is published on
+  the backbone weights already stored, model format 2).
 
 Full: 12,500 generated images (10,000 train / 2,500 validation). `--quick`: 500 images and
 fewer epochs (accuracies are real, on that smaller set), no `seed_way_*` reference figures.

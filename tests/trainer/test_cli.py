@@ -55,6 +55,18 @@ async def test_generate_import_train_and_serve(
     assert "InferenceService now serves models/default/versions/" in out
     for stage in ("clean", "extract", "train", "evaluate", "publish"):
         assert stage in out
+    # The default recipe publishes a head on stored DenseNet121 weights (format 2): the
+    # service loads and serves that too.
+    head_only = ("train", "--dataset", "shapes", "--epochs", "1", "--no-spark", "--select")
+    assert await asyncio.to_thread(cli, *head_only) == 0
+    out = capsys.readouterr().out
+    published = out.split("InferenceService now serves ")[1].split()[0]
+    sample = tmp_path / "sample.png"
+    sample.write_bytes(to_png(generate_array(0, seed=9).pixels))
+    assert await asyncio.to_thread(cli, "classify", str(sample)) == 0
+    served = capsys.readouterr().out
+    assert published.startswith("models/default/versions/")
+    assert published in served
     # Bad training input after a good call: a clear message, and the mesh keeps serving.
     bad = await asyncio.to_thread(
         cli,
