@@ -4,6 +4,11 @@ The store is the source of truth: every image object carries its full record, so
 `images/` is enough to (re)index every image through `SearchService.IndexImages`, in
 batches, and to rewrite each dataset's membership log without the entries of deleted or
 re-uploaded images. Log segments written while this runs are kept, so uploads may go on.
+
+Then the index is pruned: a document whose image is not in the store (its delete never reached
+search, or the index was restored from an older snapshot) is removed, so that a reindex leaves
+the index equal to the store. A document is removed only if its image object is absent when
+checked, so images uploaded during the walk keep theirs.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ReindexReport:
     refused: int = 0
     datasets: int = 0
     log_segments_removed: int = 0
+    stale_removed: int = 0
 
 
 def iter_records(store: ObjectStore) -> Iterator[ImageRecord]:
@@ -85,17 +91,40 @@ async def _index_batch(notifier: SearchNotifier, batch: list[ImageRecord]) -> in
     raise AssertionError("unreachable")
 
 
+async def _prune(store: ObjectStore, notifier: SearchNotifier, seen: set[str]) -> int:
+    def absent(names: list[str]) -> list[str]:
+        gone = []
+        for name in names:
+            sha = name.removeprefix("images/")
+            if len(sha) != 64 or store.stat(image_key(sha)) is None:
+                gone.append(name)
+        return gone
+
+    stale: list[str] = []
+    async for names in notifier.indexed_names():
+        unseen = [name for name in names if name not in seen]
+        if unseen:
+            stale.extend(await asyncio.to_thread(absent, unseen))
+    # Deleted after the walk: deleting while paging would shift the pages still to read.
+    for start in range(0, len(stale), 500):
+        await notifier.delete(stale[start : start + 500])
+    return len(stale)
+
+
 async def reindex(
     store: ObjectStore,
     notifier: SearchNotifier,
     *,
     batch_size: int = 500,
     compact_logs: bool = True,
+    prune: bool = True,
     progress: Callable[[int], None] = lambda n: None,
 ) -> ReindexReport:
-    """Indexes every stored image; returns counts. Raises `grpc.aio.AioRpcError` if search
-    keeps failing (after retries of transient errors)."""
+    """Indexes every stored image, then (with `prune`) removes the documents of images that
+    are not stored; returns counts. Raises `grpc.aio.AioRpcError` if search keeps failing
+    (after retries of transient errors)."""
     report = ReindexReport()
+    seen: set[str] = set()
     members: dict[str, list[tuple[float, str, str]]] = {}
     old_segments: dict[str, list[str]] = {}
     batch: list[ImageRecord] = []
@@ -104,6 +133,7 @@ async def reindex(
         record = await asyncio.to_thread(next, records, None)
         if record is not None:
             report.images += 1
+            seen.add(record.name)
             batch.append(record)
             members.setdefault(record.dataset, []).append(
                 (record.create_time.timestamp(), record.sha256, record.generation)
@@ -116,6 +146,8 @@ async def reindex(
         if record is None:
             break
     report.datasets = len(members)
+    if prune:
+        report.stale_removed = await _prune(store, notifier, seen)
     if compact_logs:
         # Every dataset with a log, including those whose images were all deleted.
         datasets = set(members) | {

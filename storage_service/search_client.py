@@ -10,7 +10,7 @@ resending it cannot succeed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -89,6 +89,22 @@ class SearchNotifier:
         if retry:
             raise _PartialFailure(retry, refused)
         return refused
+
+    async def indexed_names(self, page_size: int = 1000) -> AsyncIterator[list[str]]:
+        """Every indexed image's name, a page at a time (oldest first, so that documents
+        indexed during the walk come last instead of shifting the pages already read)."""
+        token = ""
+        while True:
+            page = await self._client().SearchImages(
+                search_pb2.SearchImagesRequest(
+                    order_by="create_time asc", page_size=page_size, page_token=token
+                ),
+                timeout=_CALL_TIMEOUT_S,
+            )
+            yield [document.name for document in page.documents]
+            token = page.next_page_token
+            if not token:
+                return
 
     async def delete(self, names: Sequence[str]) -> None:
         """Removes documents; raises `grpc.aio.AioRpcError` on failure."""

@@ -83,6 +83,11 @@ def register(commands: Any) -> dict[str, Any]:
     )
     re.add_argument("--batch-size", type=int, default=500)
     re.add_argument("--no-compact", action="store_true", help="leave the dataset logs as they are")
+    re.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="keep index entries of images that are no longer stored",
+    )
     return {"upload": run_upload, "images": run_images, "reindex": run_reindex}
 
 
@@ -299,6 +304,7 @@ def run_reindex(args: argparse.Namespace, settings: Settings | None) -> int:
                     notifier,
                     batch_size=args.batch_size,
                     compact_logs=not args.no_compact,
+                    prune=not args.no_prune,
                     progress=lambda n: progress.advance(task, n),
                 )
         except grpc.aio.AioRpcError as exc:
@@ -313,7 +319,8 @@ def run_reindex(args: argparse.Namespace, settings: Settings | None) -> int:
         print(
             f"reindexed {report.indexed} of {report.images} images in {report.datasets} "
             f"datasets ({report.refused} refused by search); "
-            f"{report.log_segments_removed} dataset-log segments compacted"
+            f"{report.log_segments_removed} dataset-log segments compacted; "
+            f"{report.stale_removed} index entries of images no longer stored removed"
         )
         return 0
 

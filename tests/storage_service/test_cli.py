@@ -6,14 +6,16 @@ import asyncio
 import io
 import json
 
+import grpc
 import numpy as np
 from PIL import Image
 
 from imagemesh.cli import main
-from imagemesh.config import StorageSettings
+from imagemesh.config import StorageSettings, load_settings
+from imagemesh.mesh import build_mesh
+from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from tests.storage_service.conftest import dead_address, start_storage
 from tests.storage_service.images import png
-from tests.storage_service.search_double import RecordingSearchService
 
 
 async def _cli(capsys, *argv: str) -> tuple[int, str]:
@@ -75,16 +77,39 @@ async def test_upload_list_download_delete_and_reindex(tmp_path, capsys, monkeyp
         code, _ = await _cli(capsys, "images", "get", name, "--address", address)
         assert code == 1
 
-        double = RecordingSearchService()
-        await double.start()
+        # A real SearchService (SQLite, in its own mesh) whose index still holds the deleted
+        # image, as if the delete had never reached it, and an entry of an image never stored.
+        search_settings = load_settings(
+            storage={"local_root": tmp_path / "mesh-objects"},
+            search={"sqlite_path": tmp_path / "search.sqlite3"},
+        )
+        search_settings.server.access_log = False
+        search_server, search_port = build_mesh(search_settings, port=0)
+        await search_server.start()
+        search_address = f"127.0.0.1:{search_port}"
         try:
-            code, out = await _cli(capsys, "reindex", "--search-address", double.address)
-            assert code == 0, out
-            assert "reindexed 6 of 6 images" in out
-            assert len(double.documents) == 6
-            assert {d.dataset for d in double.documents.values()} == {"pets"}
+            async with grpc.aio.insecure_channel(search_address) as channel:
+                search = search_pb2_grpc.SearchServiceStub(channel)
+                ghost = "images/" + "0" * 64
+                await search.IndexImages(
+                    search_pb2.IndexImagesRequest(
+                        documents=[
+                            search_pb2.ImageDocument(name=n, dataset="pets") for n in (name, ghost)
+                        ],
+                        refresh=search_pb2.REFRESH_POLICY_WAIT_FOR,
+                    )
+                )
+                code, out = await _cli(capsys, "reindex", "--search-address", search_address)
+                assert code == 0, out
+                assert "reindexed 6 of 6 images" in out
+                assert "2 index entries of images no longer stored removed" in out
+                found = await search.SearchImages(search_pb2.SearchImagesRequest(page_size=100))
+                assert sorted(d.name for d in found.documents) == sorted(
+                    i["name"] for i in listed if i["name"] != name
+                )
+                assert {d.dataset for d in found.documents} == {"pets"}
         finally:
-            await double.stop()
+            await search_server.stop(grace=0)
         # The compacted dataset log lists the same images in the same order.
         code, out = await _cli(
             capsys, "images", "list", "--dataset", "pets", "--all", "--json", "--address", address
