@@ -17,7 +17,7 @@ from imagemesh.storage.v1 import storage_pb2_grpc
 from storage_service.backends import ObjectStore, open_object_store
 from storage_service.mount import StorageRuntime
 from tests.fixtures.engines import S3Bucket
-from tests.storage_service.search_double import RecordingSearchService
+from tests.storage_service.served_search import ServedSearch
 
 # The same contract runs on the embedded default and on both real S3 servers.
 BACKENDS = [
@@ -70,7 +70,7 @@ class StorageServer:
     stub: storage_pb2_grpc.StorageServiceStub
     store: ObjectStore
     runtime: StorageRuntime
-    search: RecordingSearchService | None
+    search: ServedSearch | None
 
     def object_keys(self, prefix: str = "") -> list[str]:
         """Every object in the store (what "nothing left behind" is checked against)."""
@@ -93,21 +93,21 @@ async def start_storage(storage, search_address: str, tmp_path: Path, **override
 
 
 @pytest.fixture
-async def search_double() -> AsyncIterator[RecordingSearchService]:
-    """A test double of the SearchService that records what it is told."""
-    double = RecordingSearchService()
-    await double.start()
-    yield double
-    await double.stop()
+async def search_service(tmp_path: Path) -> AsyncIterator[ServedSearch]:
+    """The real SearchService on SQLite, on a port of its own."""
+    served = ServedSearch(tmp_path / "search")
+    await served.start()
+    yield served
+    await served.stop()
 
 
 @pytest.fixture
 async def storage_server(
-    backend_settings: StorageSettings, tmp_path: Path, search_double: RecordingSearchService
+    backend_settings: StorageSettings, tmp_path: Path, search_service: ServedSearch
 ) -> AsyncIterator[StorageServer]:
-    """The storage service on each backend in turn, telling the search double."""
+    """The storage service on each backend in turn, telling the real search service."""
     server, address, runtime = await start_storage(
-        backend_settings, search_double.address, tmp_path
+        backend_settings, search_service.address, tmp_path
     )
     channel = grpc.aio.insecure_channel(
         address,
@@ -122,7 +122,7 @@ async def storage_server(
             stub=storage_pb2_grpc.StorageServiceStub(channel),
             store=open_object_store(backend_settings),
             runtime=runtime,
-            search=search_double,
+            search=search_service,
         )
     finally:
         await channel.close()

@@ -35,9 +35,8 @@ _seeds = itertools.count(10_000)
 @pytest.fixture
 async def baseline(storage_server):
     """The server with one good image stored; yields (server, keys before the bad call)."""
-    await upload(storage_server.stub, png(8, seed=next(_seeds)), header(dataset="base"))
-    search = storage_server.search
-    await search.wait_for(lambda: len(search.documents) == 1)
+    reply = await upload(storage_server.stub, png(8, seed=next(_seeds)), header(dataset="base"))
+    await storage_server.search.wait_for_names({reply.image.name})
     return storage_server, storage_server.object_keys()
 
 
@@ -52,7 +51,7 @@ async def _assert_nothing_left_and_still_serving(server, before):
     assert not list(spill_dir.iterdir())
     # Nothing was queued for the index: every pending or sent document is a stored image.
     await asyncio.sleep(0.05)
-    for name in server.search.documents:
+    for name in await server.search.documents():
         assert server.store.exists(f"images/{name[7:9]}/{name[7:]}")
     assert server.runtime.outbox.pending() == 0
     good = png(8, seed=next(_seeds))
@@ -189,10 +188,10 @@ async def test_a_client_that_cancels_mid_stream(baseline, announce_hash):
     await _assert_nothing_left_and_still_serving(server, before)
 
 
-async def test_an_object_over_the_maximum_size(backend_settings, search_double, tmp_path):
+async def test_an_object_over_the_maximum_size(backend_settings, search_service, tmp_path):
     backend_settings.max_object_bytes = 2 * MIB
     server, address, runtime = await start_storage(
-        backend_settings, search_double.address, tmp_path
+        backend_settings, search_service.address, tmp_path
     )
     try:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -201,7 +200,7 @@ async def test_an_object_over_the_maximum_size(backend_settings, search_double, 
                 storage_pb2_grpc.StorageServiceStub(channel),
                 open_object_store(backend_settings),
                 runtime,
-                search_double,
+                search_service,
             )
             before = view.object_keys()
             data = _big_png()

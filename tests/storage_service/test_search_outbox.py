@@ -15,7 +15,7 @@ from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
 from tests.storage_service.conftest import dead_address, start_storage
 from tests.storage_service.images import png
 from tests.storage_service.rpc import header, upload
-from tests.storage_service.search_double import RecordingSearchService
+from tests.storage_service.served_search import ServedSearch
 
 
 async def _wait(predicate, within_s: float = 20.0) -> None:
@@ -37,11 +37,12 @@ def _fast_retries(runtime) -> None:
 
 
 async def test_uploads_succeed_while_search_is_unreachable_then_catch_up(tmp_path):
-    address = dead_address()
+    search = ServedSearch(tmp_path / "search")
+    await search.start()
+    await search.stop()  # its port is now known, and nothing answers there
     settings = StorageSettings(local_root=tmp_path / "objects")
-    server, storage_address, runtime = await start_storage(settings, address, tmp_path)
+    server, storage_address, runtime = await start_storage(settings, search.address, tmp_path)
     _fast_retries(runtime)
-    double = RecordingSearchService()
     try:
         async with grpc.aio.insecure_channel(storage_address) as channel:
             stub = storage_pb2_grpc.StorageServiceStub(channel)
@@ -54,13 +55,12 @@ async def test_uploads_succeed_while_search_is_unreachable_then_catch_up(tmp_pat
             await _wait(lambda: runtime.drainer.failed_attempts >= 2)
             assert runtime.outbox.pending() == 5  # 4 index updates, 1 delete (coalesced)
             # Search comes up at the address the storage service was told.
-            await double.start_at(address)
-            await double.wait_for(lambda: sorted(double.documents) == sorted(names))
-            await double.wait_for(lambda: gone in double.deleted)
+            await search.start()
+            await search.wait_for_names(set(names))
             await _wait(lambda: runtime.outbox.pending() == 0)
     finally:
         await server.stop(grace=0)
-        await double.stop()
+        await search.stop()
 
 
 async def test_pending_updates_survive_a_restart(tmp_path):
@@ -72,32 +72,37 @@ async def test_pending_updates_survive_a_restart(tmp_path):
     assert runtime.outbox.pending() == 1
     await server.stop(grace=0)
 
-    double = RecordingSearchService()
-    await double.start()
-    server, _, runtime = await start_storage(settings, double.address, tmp_path)
+    search = ServedSearch(tmp_path / "search")
+    await search.start()
+    server, _, runtime = await start_storage(settings, search.address, tmp_path)
     try:
-        await double.wait_for(lambda: name in double.documents)
-        assert double.documents[name].label == "cat"
+        await search.wait_for_names({name})
+        assert (await search.documents())[name].label == "cat"
         await _wait(lambda: runtime.outbox.pending() == 0)
     finally:
         await server.stop(grace=0)
-        await double.stop()
+        await search.stop()
 
 
-async def test_a_failing_search_service_is_retried(backend_settings, search_double, tmp_path):
-    search_double.fail = True  # answers UNAVAILABLE
+async def test_search_going_down_is_retried_until_it_is_back(
+    backend_settings, search_service, tmp_path
+):
     server, storage_address, runtime = await start_storage(
-        backend_settings, search_double.address, tmp_path
+        backend_settings, search_service.address, tmp_path
     )
     _fast_retries(runtime)
     try:
         async with grpc.aio.insecure_channel(storage_address) as channel:
             stub = storage_pb2_grpc.StorageServiceStub(channel)
+            first = (await upload(stub, png(8, seed=79))).image.name
+            await search_service.wait_for_names({first})
+            await search_service.stop()  # a real outage, after the service had been reached
             name = (await upload(stub, png(8, seed=78))).image.name
         await _wait(lambda: runtime.drainer.failed_attempts >= 2)
-        assert search_double.documents == {}
-        search_double.fail = False
-        await search_double.wait_for(lambda: name in search_double.documents)
+        assert runtime.outbox.pending() == 1
+        await search_service.start()  # back on the same port, with the same index
+        await search_service.wait_for_names({first, name})
+        await _wait(lambda: runtime.outbox.pending() == 0)
     finally:
         await server.stop(grace=0)
 

@@ -11,6 +11,7 @@ import pytest
 from imagemesh.storage.v1 import storage_pb2
 from tests.storage_service.images import png, sha
 from tests.storage_service.rpc import aiter_of, download, header, upload
+from tests.storage_service.served_search import eventually
 
 
 async def test_upload_stores_a_content_addressed_image_with_its_metadata(storage_server):
@@ -266,13 +267,14 @@ async def test_bulk_upload_acknowledges_each_image_once(storage_server):
 async def test_stored_and_deleted_images_reach_the_search_index(storage_server):
     search = storage_server.search
     image = (await upload(storage_server.stub, png(8, seed=40), header(label="dog"))).image
-    await search.wait_for(lambda: image.name in search.documents)
-    document = search.documents[image.name]
+    await search.wait_for_names({image.name})
+    document = (await search.documents())[image.name]
     assert (document.label, document.dataset, document.width) == ("dog", "default", 8)
+    assert document.size_bytes == image.size_bytes
     await storage_server.stub.DeleteImage(storage_pb2.DeleteImageRequest(name=image.name))
-    await search.wait_for(lambda: image.name in search.deleted)
-    assert image.name not in search.documents
-    await search.wait_for(lambda: storage_server.runtime.outbox.pending() == 0)
+    await search.wait_for_names(set())
+    # The outbox marks the delete done once it was answered.
+    await eventually(lambda: storage_server.runtime.outbox.pending() == 0)
 
 
 async def test_arrays_written_without_metadata_are_described_by_their_header(storage_server):
