@@ -7,17 +7,24 @@ the next start). User metadata and the content type, when given, live in a JSON 
 `{root}/.meta/{key}`, written before the object and removed after it, so an object never
 shows without its metadata. `.staging` and `.meta` are not valid first key segments, so they
 never show in listings.
+
+`put_bytes_many` (this backend only) writes many small objects with one flush to disk for
+all of them instead of one per object: each is still renamed into place only once its bytes
+are on disk, so the guarantee above holds object by object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import itertools
 import json
 import os
 import shutil
+import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -31,6 +38,26 @@ __all__ = ["LocalObjectStore"]
 _STAGING = ".staging"
 _META = ".meta"
 _RESERVED = {_STAGING, _META}
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's `syncfs(fd)` (Linux): flushes the one filesystem that holds `fd`."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_syncfs = _load_syncfs()
+# Names of temp files `put_bytes_many` writes: unique in the process without a random-number
+# syscall per object (uuid4 costs one); the uuid prefix keeps processes apart.
+_temp_prefix = uuid.uuid4().hex
+_temp_counter = itertools.count()
 
 
 class LocalObjectStore:
@@ -125,6 +152,71 @@ class LocalObjectStore:
             out.write(data)
 
         self._write_atomically(key, fill, content_type, metadata)
+
+    def put_bytes_many(
+        self,
+        objects: Sequence[tuple[str, bytes]],
+        content_type: str = "application/octet-stream",
+    ) -> None:
+        """Writes each `(key, data)` as `put_bytes` would (no metadata), flushed to disk together.
+
+        Every object is written to a temp file, then all of them are flushed with one
+        `syncfs` of the store's filesystem (Linux; elsewhere one fsync each), then each is
+        renamed into place. So each object is atomic and durable exactly as with `put_bytes`
+        (a reader sees the previous object or the whole new one; a renamed object's bytes are
+        on disk), while the disk sees one journal commit for the lot instead of one per
+        object: per-object fsync was most of the CPU a batch job spent per image. The flush
+        also writes back other writers' dirty data on the same filesystem, which a store on
+        its own volume does not have. If this raises, objects already renamed stay written
+        and the others are not (no temp file is left behind).
+        """
+        del content_type  # the local folder keeps no content type for bare objects
+        targets = [self._path(key) for key, _ in objects]
+        staging = os.fspath(self._staging)
+        temps: list[str] = []
+        descriptors: list[int] = []
+        try:
+            # Opened before the writes: syncfs reports write-back errors seen since then.
+            folder = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            descriptors.append(folder)
+            for _, data in objects:
+                temp = f"{staging}/{_temp_prefix}-{next(_temp_counter)}"
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                temps.append(temp)
+                descriptors.append(fd)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if self._fsync:
+                if _syncfs is not None:
+                    if _syncfs(folder) != 0:
+                        error = ctypes.get_errno()
+                        raise OSError(error, f"syncfs({staging}): {os.strerror(error)}")
+                else:
+                    for fd in descriptors[1:]:
+                        os.fsync(fd)
+            for (key, data), target, temp in zip(objects, targets, temps, strict=True):
+                # A previous version's metadata must not survive a rewrite without metadata.
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    os.unlink(self._sidecar(key))
+                try:
+                    os.replace(temp, target)
+                except FileNotFoundError:
+                    if not os.path.exists(temp):
+                        # Another process opening this folder swept the staging files as
+                        # a crash's leftovers: write this object again on its own.
+                        self.put_bytes(key, data)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(temp, target)
+        except BaseException:
+            for temp in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        finally:
+            for fd in descriptors:
+                os.close(fd)
 
     def put_bytes_if_absent(
         self,
