@@ -149,6 +149,9 @@ class CancelSignal:
         return self._set
 
 
+_NPY = "application/x-npy"
+
+
 def _chunks(names: Iterable[str], size: int) -> Iterator[list[str]]:
     iterator = iter(names)
     while chunk := list(islice(iterator, size)):
@@ -216,31 +219,51 @@ class _Pipeline:
     def read_batch(self, names: list[str]) -> list[Future[_Read]]:
         return [self.io.submit(self.read, name) for name in names]
 
-    def write_array(self, array_name: str, array: np.ndarray) -> None:
-        # One object, nothing else: no link marker (predictions and inputs sit at the
-        # per-version, per-image keys that the storage service's DeleteImage finds by
+    def arrays_of(self, read: _Read, probabilities: np.ndarray) -> list[tuple[str, bytes]]:
+        # One object per array, nothing else: no link marker (predictions and inputs sit at
+        # the per-version, per-image keys that the storage service's DeleteImage finds by
         # pattern, `DERIVED_PREFIXES`) and no user metadata (dtype and shape are in the
         # `.npy` header, which GetArray reads when metadata is absent; the image is in the
         # key). Measured here: on MinIO each object write is a synchronous write per drive;
-        # on the local store metadata is a second file with its own fsync and rename, and
-        # those two syscalls are most of a job's I/O cost per image.
-        self.store.put_bytes(array_object_key(array_name), _npy_bytes(array), "application/x-npy")
-
-    def write_one(self, read: _Read, probabilities: np.ndarray) -> PredictionToIndex:
+        # on the local store metadata is a second file with its own flush and rename.
         version = self.predictor.model_version
-        array_name = prediction_array_name(version, read.sha256)
-        self.write_array(array_name, np.ascontiguousarray(probabilities, "<f4"))
-        if self.spec.store_inputs and read.pixels is not None:
-            self.write_array(
-                input_array_name(version, read.sha256),
-                np.ascontiguousarray(read.pixels, "<f4"),
+        arrays = [
+            (
+                array_object_key(prediction_array_name(version, read.sha256)),
+                _npy_bytes(np.ascontiguousarray(probabilities, "<f4")),
             )
-        return PredictionToIndex(read.name, probabilities, array_name)
+        ]
+        if self.spec.store_inputs and read.pixels is not None:
+            arrays.append(
+                (
+                    array_object_key(input_array_name(version, read.sha256)),
+                    _npy_bytes(np.ascontiguousarray(read.pixels, "<f4")),
+                )
+            )
+        return arrays
+
+    def write_all(self, objects: list[tuple[str, bytes]]) -> None:
+        put_many = getattr(self.store, "put_bytes_many", None)
+        if put_many is not None:
+            # The local folder writes the batch with one flush to disk (see
+            # `LocalObjectStore.put_bytes_many`) instead of one fsync per file.
+            put_many(objects, _NPY)
+            return
+        futures = [self.io.submit(self.store.put_bytes, key, data, _NPY) for key, data in objects]
+        for future in futures:
+            future.result()
 
     def finish(self, good: list[_Read], probabilities: np.ndarray, last: bool) -> Outcome:
         outcome = Outcome()
-        futures = [self.io.submit(self.write_one, r, probabilities[i]) for i, r in enumerate(good)]
-        written = [f.result() for f in futures]
+        version = self.predictor.model_version
+        objects: list[tuple[str, bytes]] = []
+        written: list[PredictionToIndex] = []
+        for read, row in zip(good, probabilities, strict=True):
+            objects.extend(self.arrays_of(read, row))
+            written.append(
+                PredictionToIndex(read.name, row, prediction_array_name(version, read.sha256))
+            )
+        self.write_all(objects)
         rejected = self.indexer.index(
             self.predictor.model_version,
             self.predictor.class_names,
