@@ -2,7 +2,9 @@
 
 For each batch of `batch_size` names: read every image from the object store and decode it
 (I/O threads), predict the batch in one model call, write one `.npy` of probabilities per image
-(and the preprocessed input when asked), then index the batch's predictions in one call. The
+(and the preprocessed input when asked), then index the batch's predictions in one call. A
+store that can write many objects with one flush to disk (the local folder's
+`put_bytes_many`) gets the batch's arrays in one call; on S3 they are concurrent PUTs. The
 stages overlap: batch i+1 is read while batch i is predicted, and batch i's writes and index
 call run while batch i+1 is predicted, so the model waits on I/O as little as possible. At most
 three batches are in memory at once (one being read, one predicted, one written), which is what
@@ -52,7 +54,11 @@ __all__ = [
 
 
 class BlobStore(Protocol):
-    """The part of `storage_service.backends.ObjectStore` the pipeline uses."""
+    """The part of `storage_service.backends.ObjectStore` the pipeline uses.
+
+    A store that also has `put_bytes_many(objects, content_type)` (`LocalObjectStore`) is
+    given each batch's arrays in one call.
+    """
 
     def get_bytes(self, key: str) -> bytes:
         """The object; `imagemesh.errors.NotFound` if absent."""
