@@ -9,6 +9,7 @@ mesh, see `remote`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -22,6 +23,7 @@ from imagemesh.errors import InvalidArgument
 from imagemesh.names import image_sha256, parse_model_version
 from imagemesh.page_tokens import PageTokenCodec
 
+from .batcher import Preprocess
 from .decode import ImageLimits, decode_image
 from .model.artifact import ModelMetadata
 from .serving import ModelManager
@@ -40,9 +42,12 @@ __all__ = [
 DEFAULT_TOP_K = 5
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Payloads above this are decoded on a worker thread: a big photo takes tens of milliseconds to
-# decode, which would stall every other call on the event loop.
-_INLINE_DECODE_BYTES = 64 * 1024
+# Payloads up to this size are decoded on the compute thread as part of their batch (see
+# `batcher`: there it costs the event loop nothing, and the loop is what limits the throughput of
+# many small calls). Larger ones are decoded on the decode pool before they queue: a big photo
+# takes tens of milliseconds to decode, which would hold up the whole batch, or on the event
+# loop every other call.
+_BATCH_DECODE_BYTES = 64 * 1024
 _MODEL = re.compile(r"models/([a-z0-9][a-z0-9._-]{0,62})")
 
 
@@ -187,10 +192,10 @@ class InferenceDomain:
                     timeout_s=None if deadline is None else deadline - loop.time(),
                 )
                 field = "image_name"
-            pixels = await self._decode(
+            image = await self._decode(
                 content, (metadata.input_height, metadata.input_width), field
             )
-            result = await served.batcher.submit(pixels, deadline=deadline)
+            result = await served.batcher.submit(image, deadline=deadline)
         finally:
             self.manager.release(served)
         probabilities = result.output.astype(np.float32, copy=False)
@@ -218,9 +223,12 @@ class InferenceDomain:
             probabilities_array=array_name,
         )
 
-    async def _decode(self, content: bytes, size: tuple[int, int], field: str) -> np.ndarray:
-        if len(content) <= _INLINE_DECODE_BYTES:
-            return decode_image(content, size, self._limits, field=field)
+    async def _decode(
+        self, content: bytes, size: tuple[int, int], field: str
+    ) -> np.ndarray | Preprocess:
+        """The image's pixels, or (a small image) the step that decodes it in its batch."""
+        if len(content) <= _BATCH_DECODE_BYTES:
+            return functools.partial(decode_image, content, size, self._limits, field=field)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._decode_executor, lambda: decode_image(content, size, self._limits, field=field)

@@ -222,3 +222,33 @@ async def test_batches_queue_delay_and_compute_time_are_exported_to_prometheus(e
         - before["imagemesh_inference_compute_seconds_count"]
         == batches
     )
+
+
+async def test_steps_make_their_images_on_the_compute_thread_and_a_failure_stays_alone(
+    executor,
+) -> None:
+    runner = CountingRunner()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=8), executor)
+    batcher.start()
+    threads: list[str] = []
+
+    def step(value: float) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        if value == 3:
+            raise ValueError("not an image")
+        return _image(value)
+
+    outcomes = await asyncio.gather(
+        *(batcher.submit(lambda v=float(i): step(v)) for i in range(6)),
+        batcher.submit(_image(10)),
+        return_exceptions=True,
+    )
+    await batcher.close()
+    assert isinstance(outcomes[3], ValueError)
+    answers = [o for i, o in enumerate(outcomes) if i != 3]
+    for value, result in zip((0, 1, 2, 4, 5, 10), answers, strict=True):
+        assert not isinstance(result, BaseException)
+        assert result.output[0] == pytest.approx(value * 12)  # its own row, despite the gap
+        assert result.batch_size == 6  # the failed image is not counted as computed
+    assert threads
+    assert threading.main_thread().name not in threads
