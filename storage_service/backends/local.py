@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ __all__ = ["LocalObjectStore"]
 _STAGING = ".staging"
 _META = ".meta"
 _RESERVED = {_STAGING, _META}
+_STALE_TEMP_S = 3600.0
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -74,9 +76,14 @@ class LocalObjectStore:
             self._staging.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise Unavailable(f"cannot create the object folder {self.root}: {exc}") from exc
-        for stray in self._staging.iterdir():  # temp files of writes a crash interrupted
+        # Temp files of writes a crash interrupted. Other processes open the same folder
+        # (Spark workers, a second service) while writes are in flight, so only files that
+        # nobody has written to for an hour go: a live write touches its file on every chunk.
+        stale_before = time.time() - _STALE_TEMP_S
+        for stray in self._staging.iterdir():
             with contextlib.suppress(OSError):
-                stray.unlink()
+                if stray.stat().st_mtime < stale_before:
+                    stray.unlink()
 
     # -- paths ---------------------------------------------------------------------------
 

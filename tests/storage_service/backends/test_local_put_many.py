@@ -78,7 +78,7 @@ def test_objects_survive_another_process_sweeping_the_staging_folder(
     store = LocalObjectStore(tmp_path)
 
     def another_process_opens_the_folder(fd: int) -> int:
-        LocalObjectStore(tmp_path)  # removes staging files, taking them for a crash's
+        LocalObjectStore(tmp_path)  # sweeps the staging folder (fresh files are kept)
         return 0
 
     monkeypatch.setattr(local_module, "_syncfs", another_process_opens_the_folder)

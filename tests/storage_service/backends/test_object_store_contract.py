@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,9 +252,16 @@ def test_local_store_hides_and_sweeps_staging_files(tmp_path: Path) -> None:
 
     root = tmp_path / "objects"
     LocalObjectStore(root)
-    (root / ".staging" / "leftover").write_bytes(b"partial")
-    store = LocalObjectStore(root)  # a restart removes what a crash left
-    assert not (root / ".staging" / "leftover").exists()
+    leftover = root / ".staging" / "leftover"
+    leftover.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(leftover, (two_hours_ago, two_hours_ago))
+    in_flight = root / ".staging" / "in-flight"
+    in_flight.write_bytes(b"being written by another process")
+    store = LocalObjectStore(root)  # a restart removes what a crash left long ago...
+    assert not leftover.exists()
+    # ...but not a temp file another process is writing right now.
+    assert in_flight.exists()
     assert list(store.list_keys("")) == []
     with pytest.raises(InvalidArgument):
         store.put_bytes(".staging/x", b"x")
