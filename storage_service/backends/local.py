@@ -194,6 +194,11 @@ class LocalObjectStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                if _syncfs is not None or not self._fsync:
+                    # Not needed for the flush: closed now, so that a large call never runs
+                    # out of file descriptors.
+                    descriptors.pop()
+                    os.close(fd)
             if self._fsync:
                 if _syncfs is not None:
                     if _syncfs(folder) != 0:
