@@ -17,7 +17,7 @@ from imagemesh.storage.v1 import storage_pb2_grpc
 from storage_service.backends import ObjectStore, open_object_store
 from storage_service.mount import StorageRuntime
 from tests.fixtures.engines import S3Bucket
-from tests.storage_service.served_search import ServedSearch
+from tests.fixtures.served_search import ServedSearch
 
 # The same contract runs on the embedded default and on both real S3 servers.
 BACKENDS = [

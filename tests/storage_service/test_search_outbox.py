@@ -12,10 +12,10 @@ from imagemesh.config import StorageSettings, load_settings
 from imagemesh.mesh import build_mesh
 from imagemesh.search.v1 import search_pb2, search_pb2_grpc
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+from tests.fixtures.served_search import ServedSearch
 from tests.storage_service.conftest import dead_address, start_storage
 from tests.storage_service.images import png
 from tests.storage_service.rpc import header, upload
-from tests.storage_service.served_search import ServedSearch
 
 
 async def _wait(predicate, within_s: float = 20.0) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from imagemesh.storage.v1 import storage_pb2
+from tests.fixtures.served_search import eventually
 from tests.storage_service.images import png, sha
 from tests.storage_service.rpc import aiter_of, download, header, upload
-from tests.storage_service.served_search import eventually
 
 
 async def test_upload_stores_a_content_addressed_image_with_its_metadata(storage_server):
