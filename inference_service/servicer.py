@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from imagemesh.common.v1 import common_pb2
 from imagemesh.errors import FailedPrecondition, ImageMeshError
@@ -67,19 +67,20 @@ def _input(request: inference_pb2.ClassifyRequest) -> ClassifyInput:
 def _response(
     result: Classification, request: inference_pb2.ClassifyRequest
 ) -> inference_pb2.ClassifyResponse:
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(result.queue_delay_s * 1e9))
-    return inference_pb2.ClassifyResponse(
+    # Filled in place (`add`, `FromNanoseconds` on the field): half the time of building the
+    # messages as keyword arguments, on the event loop that many small calls wait for.
+    response = inference_pb2.ClassifyResponse(
         model_version=result.model_version,
-        top_classes=[
-            common_pb2.ClassScore(class_name=c.name, class_index=c.index, probability=c.probability)
-            for c in result.top_classes
-        ],
-        probabilities=result.probabilities.tolist() if request.include_probabilities else [],
         probabilities_array=result.probabilities_array,
-        queue_delay=delay,
         batch_size=result.batch_size,
     )
+    response.queue_delay.FromNanoseconds(int(result.queue_delay_s * 1e9))
+    add = response.top_classes.add
+    for c in result.top_classes:
+        add(class_name=c.name, class_index=c.index, probability=c.probability)
+    if request.include_probabilities:
+        response.probabilities.extend(result.probabilities.tolist())
+    return response
 
 
 def _item_error(error: BaseException) -> common_pb2.ItemError:
