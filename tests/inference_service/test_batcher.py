@@ -252,3 +252,25 @@ async def test_steps_make_their_images_on_the_compute_thread_and_a_failure_stays
         assert result.batch_size == 6  # the failed image is not counted as computed
     assert threads
     assert threading.main_thread().name not in threads
+
+
+async def test_images_queued_during_a_batch_wait_for_its_callers_to_come_back(executor) -> None:
+    runner = CountingRunner()
+    runner.release.clear()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=5.0, arrival_gap_s=0.05)
+    batcher = MicroBatcher(runner, config, executor)
+    batcher.start()
+    first = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(4)]
+    await asyncio.to_thread(runner.entered.wait, 10)
+    early = asyncio.ensure_future(batcher.submit(_image(9)))  # came during the batch
+    runner.release.set()
+    assert {r.batch_size for r in await asyncio.gather(*first)} == {4}
+    # The 4 callers come back later than the arrival gap: the early image waits for them
+    # instead of leaving alone once the gap has passed.
+    await asyncio.sleep(0.2)
+    again = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(_image(i)) for i in range(4))), timeout=4.0
+    )
+    assert (await early).batch_size == 5
+    assert {r.batch_size for r in again} == {5}
+    await batcher.close()
