@@ -1,4 +1,4 @@
-"""Fixtures of the batch-job tests: a published tiny model, a store holding it, a search double."""
+"""Fixtures of the batch-job tests: a published tiny model, a store holding it, the real search."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from imagemesh.config import StorageSettings
 from storage_service.backends.local import LocalObjectStore
 from tests.inference_service.batch.helpers import (
-    DoubleServer,
-    SearchServiceDouble,
+    ThreadedSearch,
     copy_tree,
     publish_tiny_model,
 )
@@ -41,8 +40,9 @@ def store(storage_settings: StorageSettings) -> LocalObjectStore:
 
 
 @pytest.fixture
-def search_double() -> Iterator[DoubleServer]:
-    """A SearchService TEST DOUBLE on a free port."""
-    server = DoubleServer(SearchServiceDouble())
-    yield server
-    server.stop()
+def search(tmp_path: Path) -> Iterator[ThreadedSearch]:
+    """The real SearchService on SQLite, on a loopback port of its own, empty."""
+    served = ThreadedSearch(tmp_path / "search")
+    served.start()
+    yield served
+    served.close()

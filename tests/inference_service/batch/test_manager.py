@@ -1,6 +1,6 @@
 """Batch jobs end to end in one process (LOCAL runner): lifecycle, durability, listing.
 
-The object store is a real local folder; indexing goes to a SearchService TEST DOUBLE. The
+The object store is a real local folder; indexing goes to the real SearchService (SQLite). The
 Spark runner has its own tests (tests/inference_service/batch/test_spark_local.py and the
 standalone-cluster faults in tests/integration/batch).
 """
@@ -30,6 +30,13 @@ from inference_service.batch.store import JobStore
 from tests.inference_service.batch.helpers import MODEL_VERSION, put_images
 
 
+def _put_indexed(store, search, count, *, start=0, dataset="generated"):
+    """Stores images and indexes their documents, as the storage service does."""
+    names = put_images(store, count, start=start)
+    search.index_images(names, dataset)
+    return names
+
+
 class _NoSpark:
     """Stands in for the Spark runner where a test must prove Spark is NOT used."""
 
@@ -42,15 +49,13 @@ class _NoSpark:
         pass
 
 
-def _manager(store, storage_settings, search_double, **options):
+def _manager(store, storage_settings, search, **options):
     defaults = {"batch_size": 8, "io_threads": 4, "heartbeat_s": 0.2, "spark_threshold": 1000}
     defaults.update(options)
     return BatchJobManager(
         jobs=JobStore(store),
-        options=BatchOptions(
-            storage=storage_settings, search_address=search_double.address, **defaults
-        ),
-        resolver=GrpcSelectionResolver("127.0.0.1:1", search_double.address),
+        options=BatchOptions(storage=storage_settings, search_address=search.address, **defaults),
+        resolver=GrpcSelectionResolver("127.0.0.1:1", search.address),
         local_runner=LocalRunner(),
         spark_runner=_NoSpark(),
         resolve_model=lambda name: name or MODEL_VERSION,
@@ -58,8 +63,8 @@ def _manager(store, storage_settings, search_double, **options):
 
 
 @pytest.fixture
-def manager(store, storage_settings, search_double):
-    manager = _manager(store, storage_settings, search_double)
+def manager(store, storage_settings, search):
+    manager = _manager(store, storage_settings, search)
     manager.start()
     yield manager
     manager.stop()
@@ -75,8 +80,8 @@ def _wait_final(manager, job_id, timeout_s=120):
     raise AssertionError(f"job {job_id} did not finish: {manager.get(job_id)}")
 
 
-def test_a_job_runs_locally_to_success_and_its_record_says_so(manager, store):
-    names = put_images(store, 20)
+def test_a_job_runs_locally_to_success_and_its_record_says_so(manager, store, search):
+    names = _put_indexed(store, search, 20)
     created = manager.create(JobRequest(selection=Selection(names=tuple(names))))
     assert created.state is JobState.PENDING
     assert created.total_count == 20
@@ -96,13 +101,11 @@ def test_a_job_runs_locally_to_success_and_its_record_says_so(manager, store):
         assert store.exists(prediction_array_name(MODEL_VERSION, name[7:]))
 
 
-def test_a_job_over_the_threshold_in_auto_mode_goes_to_spark(
-    store, storage_settings, search_double
-):
-    manager = _manager(store, storage_settings, search_double, spark_threshold=2)
+def test_a_job_over_the_threshold_in_auto_mode_goes_to_spark(store, storage_settings, search):
+    manager = _manager(store, storage_settings, search, spark_threshold=2)
     manager.start()
     try:
-        names = put_images(store, 3)
+        names = _put_indexed(store, search, 3)
         done = _wait_final(manager, manager.create(JobRequest(Selection(tuple(names)))).job_id)
     finally:
         manager.stop()
@@ -111,19 +114,23 @@ def test_a_job_over_the_threshold_in_auto_mode_goes_to_spark(
     assert done.mode is JobMode.SPARK
 
 
-def test_a_search_filter_selection_is_resolved_through_search(manager, store, search_double):
-    names = put_images(store, 7)
-    search_double.double.documents = names
+def test_a_search_filter_selection_is_resolved_through_search(manager, store, search):
+    names = _put_indexed(store, search, 7)
+    elsewhere = _put_indexed(store, search, 3, start=7, dataset="elsewhere")
     created = manager.create(JobRequest(Selection(filter={"datasets": ["generated"]})))
     assert created.total_count == 0  # resolved when the job runs, not in the call
 
     done = _wait_final(manager, created.job_id)
 
     assert (done.state, done.total_count, done.processed_count) == (JobState.SUCCEEDED, 7, 7)
+    # Only the filter's images were classified.
+    assert sorted(search.predictions_by(MODEL_VERSION)) == sorted(names)
+    for name in elsewhere:
+        assert not store.exists(prediction_array_name(MODEL_VERSION, name[7:]))
 
 
-async def test_watch_streams_progress_and_ends_at_the_final_state(manager, store):
-    names = put_images(store, 40)
+async def test_watch_streams_progress_and_ends_at_the_final_state(manager, store, search):
+    names = _put_indexed(store, search, 40)
     created = manager.create(JobRequest(Selection(tuple(names))))
     seen = [record async for record in manager.watch(created.job_id, interval_s=0.02)]
 
@@ -134,8 +141,8 @@ async def test_watch_streams_progress_and_ends_at_the_final_state(manager, store
     assert len(seen) >= 3  # the first state, some progress, the end
 
 
-def test_cancel_stops_the_job_and_the_counts_say_what_was_done(manager, store):
-    names = put_images(store, 400)
+def test_cancel_stops_the_job_and_the_counts_say_what_was_done(manager, store, search):
+    names = _put_indexed(store, search, 400)
     created = manager.create(JobRequest(Selection(tuple(names))))
     while manager.get(created.job_id).processed_count == 0:
         time.sleep(0.01)
@@ -152,7 +159,7 @@ def test_cancel_stops_the_job_and_the_counts_say_what_was_done(manager, store):
 
 
 def test_a_job_whose_service_died_is_reported_failed_after_a_restart(
-    store, storage_settings, search_double
+    store, storage_settings, search
 ):
     # A real process that is gone: its pid is the owner of a RUNNING record.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -170,7 +177,7 @@ def test_a_job_whose_service_died_is_reported_failed_after_a_restart(
     )
     JobStore(store).create(orphan)
 
-    restarted = _manager(store, storage_settings, search_double)
+    restarted = _manager(store, storage_settings, search)
     restarted.start()
     try:
         record = restarted.get(orphan.job_id)
@@ -183,7 +190,7 @@ def test_a_job_whose_service_died_is_reported_failed_after_a_restart(
 
 
 def test_a_record_whose_heartbeat_stopped_elsewhere_is_failed_on_read(
-    store, storage_settings, search_double
+    store, storage_settings, search
 ):
     stale = JobRecord(
         job_id=new_job_id(),
@@ -195,15 +202,15 @@ def test_a_record_whose_heartbeat_stopped_elsewhere_is_failed_on_read(
         heartbeat_time=time.time() - 3600,
     )
     JobStore(store).create(stale)
-    manager = _manager(store, storage_settings, search_double, lease_s=30)
+    manager = _manager(store, storage_settings, search, lease_s=30)
     assert manager.get(stale.job_id).state is JobState.FAILED
     fresh = replace(stale, job_id=new_job_id(), heartbeat_time=time.time())
     JobStore(store).create(fresh)
     assert manager.get(fresh.job_id).state is JobState.RUNNING
 
 
-def test_list_is_newest_first_paginated_and_filtered_by_state(manager, store):
-    names = put_images(store, 2)
+def test_list_is_newest_first_paginated_and_filtered_by_state(manager, store, search):
+    names = _put_indexed(store, search, 2)
     ids = []
     for _ in range(5):
         ids.append(manager.create(JobRequest(Selection(tuple(names)))).job_id)
@@ -226,8 +233,10 @@ def test_list_is_newest_first_paginated_and_filtered_by_state(manager, store):
         manager.list(None, 501, "")
 
 
-def test_a_retried_request_id_returns_the_same_job_and_a_reused_one_is_refused(manager, store):
-    names = tuple(put_images(store, 2))
+def test_a_retried_request_id_returns_the_same_job_and_a_reused_one_is_refused(
+    manager, store, search
+):
+    names = tuple(_put_indexed(store, search, 2))
     first = manager.create(JobRequest(Selection(names), request_id="client-42"))
     again = manager.create(JobRequest(Selection(names), request_id="client-42"))
     assert again.job_id == first.job_id
@@ -236,7 +245,7 @@ def test_a_retried_request_id_returns_the_same_job_and_a_reused_one_is_refused(m
     _wait_final(manager, first.job_id)
 
 
-def test_bad_requests_are_refused_with_the_field_and_nothing_is_stored(manager, store):
+def test_bad_requests_are_refused_with_the_field_and_nothing_is_stored(manager, store, search):
     with pytest.raises(InvalidArgument, match="selection is required"):
         manager.create(JobRequest(Selection()))
     with pytest.raises(InvalidArgument) as bad_name:
@@ -250,15 +259,15 @@ def test_bad_requests_are_refused_with_the_field_and_nothing_is_stored(manager, 
     with pytest.raises(NotFound, match="does not exist"):
         manager.get("0000000000000-none")
     # The manager still works after each bad request.
-    names = put_images(store, 1)
+    names = _put_indexed(store, search, 1)
     assert (
         _wait_final(manager, manager.create(JobRequest(Selection(tuple(names)))).job_id).state
         is JobState.SUCCEEDED
     )
 
 
-def test_duplicate_names_are_classified_once(manager, store):
-    names = put_images(store, 3)
+def test_duplicate_names_are_classified_once(manager, store, search):
+    names = _put_indexed(store, search, 3)
     created = manager.create(JobRequest(Selection((*names, names[0]))))
     assert created.total_count == 3
     assert _wait_final(manager, created.job_id).processed_count == 3

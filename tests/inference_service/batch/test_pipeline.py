@@ -1,11 +1,15 @@
-"""The classification pipeline on a real local object store, the real model code and a
-SearchService TEST DOUBLE (to count exactly what was indexed)."""
+"""The classification pipeline on a real local object store, the real model code and the real
+SearchService (SQLite), whose index is read back to see exactly what was indexed."""
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from imagemesh.errors import Unavailable
 from inference_service.batch.indexer import GrpcPredictionIndexer
 from inference_service.batch.keys import (
     image_object_key,
@@ -25,12 +29,12 @@ from tests.inference_service.batch.helpers import (
 
 
 @pytest.fixture
-def spec(storage_settings, search_double):
+def spec(storage_settings, search):
     return JobSpec(
         job_id="0000000000001-test",
         model_version=MODEL_VERSION,
         storage=storage_settings,
-        search_address=search_double.address,
+        search_address=search.address,
         top_k=3,
         batch_size=8,
         io_threads=4,
@@ -47,9 +51,10 @@ def _run(spec, names, store, **kwargs):
 
 
 def test_every_image_gets_one_npy_matching_the_model_and_one_indexed_prediction(
-    spec, store, search_double
+    spec, store, search
 ):
     names = put_images(store, 21)  # not a multiple of the batch size: the last batch is padded
+    search.index_images(names)
     outcome, predictor = _run(spec, names, store)
 
     assert (outcome.processed, outcome.failed, outcome.stopped) == (21, 0, False)
@@ -61,23 +66,27 @@ def test_every_image_gets_one_npy_matching_the_model_and_one_indexed_prediction(
     )
     # Reference: the same model called on the whole set in one batch, in process.
     expected = predictor.predict(pixels)
+    indexed = search.predictions_by(MODEL_VERSION)
+    assert sorted(indexed) == sorted(names)
     for name, row in zip(names, expected, strict=True):
         stored = load_npy(store.get_bytes(prediction_array_name(MODEL_VERSION, name[7:])))
         assert stored.dtype == np.float32
         assert stored.shape == (5,)
         np.testing.assert_allclose(stored, row, atol=1e-5)
-        indexed = search_double.double.predictions[(name, MODEL_VERSION)]
-        assert indexed.top_class == predictor.class_names[int(np.argmax(row))]
-        assert len(indexed.top_classes) == 3
-        assert indexed.probabilities_array == prediction_array_name(MODEL_VERSION, name[7:])
-    assert set(search_double.double.index_calls.values()) == {1}
+        # The image's own row, not a padding row or a neighbour's: same class and confidence.
+        [prediction] = indexed[name]
+        assert prediction.top_class == predictor.class_names[int(np.argmax(row))]
+        assert prediction.confidence == pytest.approx(float(np.max(row)), abs=1e-5)
+        assert len(prediction.top_classes) == 3
+        assert prediction.probabilities_array == prediction_array_name(MODEL_VERSION, name[7:])
 
 
-def test_a_bad_image_fails_alone_and_the_rest_go_on(spec, store, search_double):
+def test_a_bad_image_fails_alone_and_the_rest_go_on(spec, store, search):
     good = put_images(store, 5)
     garbage = put_garbage(store)
+    # Stored, but search has no document for it: its prediction has nothing to attach to.
     unknown_to_search = good[0]
-    search_double.double.unknown.add(unknown_to_search)
+    search.index_images([*good[1:], garbage])
     names = [*good[:2], garbage, missing_name(), *good[2:]]
 
     outcome, _ = _run(spec, names, store)
@@ -87,13 +96,17 @@ def test_a_bad_image_fails_alone_and_the_rest_go_on(spec, store, search_double):
     reasons = {f.image: (f.code, f.reason) for f in outcome.failures}
     assert reasons[garbage] == ("INVALID_ARGUMENT", "UNDECODABLE_IMAGE")
     assert reasons[missing_name()] == ("NOT_FOUND", "IMAGE_NOT_FOUND")
-    assert reasons[unknown_to_search][0] == "NOT_FOUND"
+    assert reasons[unknown_to_search] == ("NOT_FOUND", "IMAGE_NOT_INDEXED")
     for name in good[1:]:
         assert store.exists(prediction_array_name(MODEL_VERSION, name[7:]))
+    # The rest are indexed; no document was made up for the unknown image.
+    assert sorted(search.predictions_by(MODEL_VERSION)) == sorted(good[1:])
+    assert unknown_to_search not in search.documents()
 
 
-def test_running_the_same_names_again_overwrites_instead_of_adding(spec, store, search_double):
+def test_running_the_same_names_again_overwrites_instead_of_adding(spec, store, search):
     names = put_images(store, 10)
+    search.index_images(names)
     _run(spec, names, store)
     keys_before = sorted(store.list_keys("arrays/"))
     outcome, _ = _run(spec, names, store)
@@ -101,14 +114,19 @@ def test_running_the_same_names_again_overwrites_instead_of_adding(spec, store, 
     assert outcome.processed == 10
     assert sorted(store.list_keys("arrays/")) == keys_before
     assert len(keys_before) == 10
-    # Upserts: the double counts calls, the real index keeps one prediction per version.
-    assert len(search_double.double.predictions) == 10
+    # Upserts: the index still holds one prediction per image and model version.
+    indexed = search.predictions_by(MODEL_VERSION)
+    assert sorted(indexed) == sorted(names)
+    assert {name: len(predictions) for name, predictions in indexed.items()} == dict.fromkeys(
+        names, 1
+    )
 
 
-def test_store_inputs_writes_the_preprocessed_input_too(spec, store):
+def test_store_inputs_writes_the_preprocessed_input_too(spec, store, search):
     from dataclasses import replace
 
     names = put_images(store, 3)
+    search.index_images(names)
     outcome, _ = _run(replace(spec, store_inputs=True), names, store)
 
     assert outcome.processed == 3
@@ -120,8 +138,9 @@ def test_store_inputs_writes_the_preprocessed_input_too(spec, store):
         assert array.max() <= 255.0
 
 
-def test_a_stop_request_ends_after_the_batch_in_hand(spec, store):
+def test_a_stop_request_ends_after_the_batch_in_hand(spec, store, search):
     names = put_images(store, 40)
+    search.index_images(names)
     calls = {"n": 0}
 
     def stop_after_two_batches():
@@ -134,3 +153,48 @@ def test_a_stop_request_ends_after_the_batch_in_hand(spec, store):
     assert outcome.processed == 24  # three batches of 8 were read before the stop took effect
     written = list(store.list_keys("arrays/predictions/"))
     assert len(written) == outcome.processed
+    assert len(search.predictions_by(MODEL_VERSION)) == outcome.processed
+
+
+def _wait_for_arrays(store, count, within_s=120.0):
+    """Waits until `count` prediction arrays are written (a batch is written, then indexed)."""
+    deadline = time.monotonic() + within_s
+    while len(list(store.list_keys("arrays/predictions/"))) < count:
+        assert time.monotonic() < deadline, "the batch was never written"
+        time.sleep(0.01)
+
+
+def test_a_search_restart_while_a_batch_is_indexed_loses_no_prediction(spec, store, search):
+    names = put_images(store, 8)  # one batch
+    search.index_images(names)
+    search.stop()  # a real outage: nothing listens on the port
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_run, spec, names, store)
+        # The batch's arrays are written before its index call: from here on that call is
+        # failing and being retried, and the restart must land inside the retries.
+        _wait_for_arrays(store, 8)
+        search.start()
+        outcome, _ = running.result()
+
+    assert (outcome.processed, outcome.failed) == (8, 0)
+    indexed = search.predictions_by(MODEL_VERSION)
+    assert {name: len(predictions) for name, predictions in indexed.items()} == dict.fromkeys(
+        names, 1
+    )
+
+
+def test_a_search_outage_that_outlasts_the_retries_fails_the_run(spec, store, search):
+    names = put_images(store, 8)
+    search.index_images(names)
+    search.stop()
+
+    with pytest.raises(Unavailable, match="refused IndexPredictions"):
+        _run(spec, names, store)
+
+    # The arrays were written; a re-run once search is back indexes them (writes are upserts).
+    assert len(list(store.list_keys("arrays/predictions/"))) == 8
+    search.start()
+    outcome, _ = _run(spec, names, store)
+    assert (outcome.processed, outcome.failed) == (8, 0)
+    assert sorted(search.predictions_by(MODEL_VERSION)) == sorted(names)

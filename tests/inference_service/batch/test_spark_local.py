@@ -1,7 +1,7 @@
 """The Spark runner on the embedded default, `local[2]`: the same job API as on a cluster.
 
 Real Spark (an application in this process's JVM, Python workers forked by Spark), a real
-local object store, and a SearchService TEST DOUBLE to count index calls per image.
+local object store, and the real SearchService (SQLite) that the workers index into.
 """
 
 from __future__ import annotations
@@ -47,20 +47,21 @@ def test_partitions_are_small_but_at_least_one_per_slot():
 
 
 def test_a_spark_job_classifies_every_image_once_and_reports_per_image_failures(
-    spark_app, store, storage_settings, search_double
+    spark_app, store, storage_settings, search
 ):
     names = put_images(store, 60)
     garbage = put_garbage(store)
+    search.index_images([*names, garbage])
     manager = BatchJobManager(
         jobs=JobStore(store),
         options=BatchOptions(
             storage=storage_settings,
-            search_address=search_double.address,
+            search_address=search.address,
             batch_size=8,
             io_threads=4,
             heartbeat_s=0.5,
         ),
-        resolver=GrpcSelectionResolver("127.0.0.1:1", search_double.address),
+        resolver=GrpcSelectionResolver("127.0.0.1:1", search.address),
         local_runner=LocalRunner(),
         spark_runner=SparkRunner(spark_app, partition_images=16),
         resolve_model=lambda name: name or MODEL_VERSION,
@@ -82,4 +83,7 @@ def test_a_spark_job_classifies_every_image_once_and_reports_per_image_failures(
     for name in names:
         assert store.exists(prediction_array_name(MODEL_VERSION, name[7:]))
     assert len(list(store.list_keys("arrays/predictions/"))) == 60
-    assert dict(search_double.double.index_calls) == dict.fromkeys(names, 1)
+    indexed = search.predictions_by(MODEL_VERSION)
+    assert {name: len(predictions) for name, predictions in indexed.items()} == dict.fromkeys(
+        names, 1
+    )
