@@ -175,13 +175,16 @@ async def _concurrent(
                 request_id=str(i),
                 request=inference_pb2.ClassifyRequest(content=contents[i % len(contents)]),
             )
-            call = stub.ClassifyStream()
+            # No request iterator: requests are written on the call as answers come back.
+            call = stub.ClassifyStream(None)
             in_flight = 0
             while more():
                 while in_flight < STREAM_WINDOW:
                     await call.write(request)
                     in_flight += 1
                 answer = await call.read()
+                if not isinstance(answer, inference_pb2.ClassifyStreamResponse):  # EOF
+                    raise RuntimeError("the service ended the stream early")
                 if answer.HasField("error"):
                     raise RuntimeError(answer.error.message)
                 in_flight -= 1
