@@ -62,6 +62,17 @@ _temp_prefix = uuid.uuid4().hex
 _temp_counter = itertools.count()
 
 
+def _new_temp_prefix() -> None:
+    # A forked child (pyspark forks its Python workers) would otherwise reuse its parent's
+    # prefix and counter, and two processes would race for the same temp names.
+    global _temp_prefix, _temp_counter
+    _temp_prefix = uuid.uuid4().hex
+    _temp_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_temp_prefix)
+
+
 class LocalObjectStore:
     """Objects as files under `root`; see the module docstring."""
 

@@ -96,3 +96,19 @@ def test_without_fsync_nothing_is_flushed(tmp_path: Path, monkeypatch: pytest.Mo
     store.put_bytes_many([("x/1", b"1")])
     assert calls == []
     assert store.get_bytes("x/1") == b"1"
+
+
+def _child_temp_prefix(queue) -> None:
+    queue.put(local_module._temp_prefix)
+
+
+def test_a_forked_process_names_its_temp_files_apart_from_its_parent() -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_temp_prefix, args=(queue,))
+    child.start()
+    child_prefix = queue.get(timeout=30)
+    child.join(30)
+    assert child_prefix != local_module._temp_prefix
