@@ -117,33 +117,25 @@ def main() -> int:
         records = put_generated(store, images, seed=11)
         spark = SparkSettings(master=args.spark_master, app_name="bench-train")
 
-        _log("first run (Spark: clean, extract; head; publish) ...")
         options = TrainOptions(model="bench", head=HeadConfig(epochs=30, patience=5))
+
+        def timed_run(app: Any) -> tuple[Any, float]:
+            started = time.perf_counter()
+            report = run_training(
+                records, store=store, storage=storage, options=options, spark_context=app.context
+            )
+            return report, time.perf_counter() - started
+
+        _log("first run (Spark: clean, extract; head; publish) ...")
         first_app = SparkApp(spark)
-        started = time.perf_counter()
-        first = run_training(
-            records,
-            store=store,
-            storage=storage,
-            options=options,
-            spark_context=first_app.context,
-        )
-        first_s = time.perf_counter() - started
+        first, first_s = timed_run(first_app)
         figures["val_accuracy_head_random_backbone"] = round(first.evaluation.accuracy, 4)
         figures["first_run_s"] = round(first_s, 2)
         figures["first_run_stage_s"] = first.stage_seconds
 
         _log("second run (same dataset, a fresh process's Spark app) ...")
         second_app = SparkApp(spark)
-        started = time.perf_counter()
-        second = run_training(
-            records,
-            store=store,
-            storage=storage,
-            options=options,
-            spark_context=second_app.context,
-        )
-        second_s = time.perf_counter() - started
+        second, second_s = timed_run(second_app)
         second_app.stop()
         figures["second_run_s"] = round(second_s, 2)
         figures["second_run_stage_s"] = second.stage_seconds
