@@ -9,11 +9,8 @@ import pytest
 
 from imagemesh.config import StorageSettings
 from storage_service.backends.local import LocalObjectStore
-from tests.inference_service.batch.helpers import (
-    ThreadedSearch,
-    copy_tree,
-    publish_tiny_model,
-)
+from tests.fixtures.served_search import ThreadedSearch
+from tests.inference_service.batch.helpers import copy_tree, publish_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,8 @@ from inference_service.batch.spark_runner import SparkRunner
 from inference_service.batch.store import JobStore
 from storage_service.backends import open_object_store
 from tests.fixtures.engines import ENGINES_SH, S3Engine, SparkCluster, engine_state_dir
+from tests.fixtures.served_search import ThreadedSearch
 from tests.inference_service.batch.helpers import png_bytes
-from tests.integration.batch.conftest import ServedSearch
 
 IMAGES = 2000
 PARTITION_IMAGES = 100
@@ -82,7 +82,7 @@ def _image_names() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def names(served_search: ServedSearch) -> list[str]:
+def names(served_search: ThreadedSearch) -> list[str]:
     """The images' names, each with its document in the search service."""
     image_names = _image_names()
     served_search.index_images(image_names, dataset="faults")
@@ -109,7 +109,7 @@ def cluster_app(spark_engine: SparkCluster) -> Iterator[SparkApp]:
     app.stop()
 
 
-def _manager(app, settings, search: ServedSearch) -> BatchJobManager:
+def _manager(app, settings, search: ThreadedSearch) -> BatchJobManager:
     manager = BatchJobManager(
         jobs=JobStore(open_object_store(settings)),
         options=BatchOptions(
@@ -202,12 +202,11 @@ def test_killing_one_of_two_workers_mid_job_still_classifies_every_image_exactly
     assert {k.rsplit("/", 1)[1].removesuffix(".npy") for k in keys} == {n[7:] for n in names}
     # Read back from Elasticsearch: every image once, each with exactly one prediction of
     # this version, although the killed executor's tasks ran (and indexed) again.
-    documents = served_search.documents_predicted_by(version)
-    assert sorted(d.name for d in documents) == sorted(names)
-    for document in documents:
-        mine = [p for p in document.predictions if p.model_version == version]
-        assert len(mine) == 1, (document.name, mine)
-        assert mine[0].probabilities_array == prediction_array_name(version, document.name[7:])
+    predicted = served_search.predictions_by(version)
+    assert sorted(predicted) == sorted(names)
+    for name, mine in predicted.items():
+        assert len(mine) == 1, (name, mine)
+        assert mine[0].probabilities_array == prediction_array_name(version, name[7:])
 
 
 def test_cancel_mid_job_stops_the_spark_job_and_the_counts_say_what_was_done(
@@ -245,7 +244,7 @@ def test_cancel_mid_job_stops_the_spark_job_and_the_counts_say_what_was_done(
     assert len(list(store.list_keys(prefix))) == written < IMAGES
     # Every counted image is searchable with its prediction (a task's last batch waits until
     # visible); none was indexed without its array.
-    assert done.processed_count <= len(served_search.documents_predicted_by(version)) <= written
+    assert done.processed_count <= len(served_search.predictions_by(version)) <= written
     assert JobStore(store).get(created.job_id).state is JobState.CANCELLED
 
 
