@@ -41,13 +41,14 @@ def mount(ctx: MeshContext) -> ServiceMount:
 
         from .model.registry import ModelRegistry
         from .remote import LazyChannel, SearchPredictions, StorageImages
-        from .runtime import compile_model, configure_threads
+        from .runtime import compile_model, configure_threads, default_instances
         from .service import InferenceDomain
         from .serving import ModelManager
 
         settings = ctx.settings
         inference = settings.inference
-        compute = ThreadPoolExecutor(1, thread_name_prefix="imagemesh-model")
+        instances = inference.model_instances or default_instances()
+        compute = ThreadPoolExecutor(instances, thread_name_prefix="imagemesh-model")
         decode = ThreadPoolExecutor(2, thread_name_prefix="imagemesh-decode")
         manager = ModelManager(
             ModelRegistry(open_object_store(settings.storage)),
@@ -55,12 +56,13 @@ def mount(ctx: MeshContext) -> ServiceMount:
                 max_batch_size=inference.max_batch_size,
                 max_queue_delay_s=inference.max_queue_delay_ms / 1000.0,
                 queue_capacity=inference.queue_capacity,
+                instances=instances,
             ),
             compute,
             compile_model,
             model=inference.model,
             prepare=lambda: configure_threads(
-                inference.intra_op_threads, inference.inter_op_threads
+                inference.intra_op_threads, inference.inter_op_threads, instances
             ),
         )
         storage = LazyChannel(lambda: ctx.address_of("storage"), settings)

@@ -39,7 +39,7 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models() -> TinyModels:
     """Built once per session (about two seconds each)."""
-    configure_threads(1, 1)
+    configure_threads(1, 2)
     from inference_service.model.densenet import build_untrained_classifier
 
     return TinyModels(
@@ -79,12 +79,15 @@ def png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
 
 
 def fast_settings(settings: Settings) -> Settings:
-    """Settings for a fast test server: small batches, one TF thread, no access log."""
+    """Settings for a fast test server: small batches, one TF thread per instance, two
+    instances whatever the machine's cores (so concurrent batches are always exercised), no
+    access log."""
     settings.server.access_log = False
     settings.inference.max_batch_size = 8
     settings.inference.max_queue_delay_ms = 2.0
+    settings.inference.model_instances = 2
     settings.inference.intra_op_threads = 1
-    settings.inference.inter_op_threads = 1
+    settings.inference.inter_op_threads = 2
     return settings
 
 

@@ -274,3 +274,134 @@ async def test_images_queued_during_a_batch_wait_for_its_callers_to_come_back(ex
     assert (await early).batch_size == 5
     assert {r.batch_size for r in again} == {5}
     await batcher.close()
+
+
+class ConcurrentRunner(CountingRunner):
+    """A CountingRunner that records how many batches it computes at the same time, and
+    can be told to wait until `meet` batches are in it at once."""
+
+    def __init__(self, meet: int = 0) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._active = 0
+        self.most_at_once = 0
+        self._meet = threading.Barrier(meet, timeout=5) if meet else None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self._active += 1
+            self.most_at_once = max(self.most_at_once, self._active)
+        try:
+            if self._meet is not None:
+                self._meet.wait()  # broken (the batch fails) unless both run at once
+            return super().__call__(batch)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+async def test_two_instances_share_the_queue_and_compute_two_batches_at_once() -> None:
+    runner = ConcurrentRunner(meet=2)
+    config = BatcherConfig(max_batch_size=8, instances=2)
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(runner, config, pool)
+        batcher.start()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(_image(i)) for i in range(8))), timeout=10
+        )
+        await batcher.close()
+    # Eight waiting images and two free instances: two batches of four, computed together.
+    assert sorted(runner.shapes) == [4, 4]
+    assert runner.most_at_once == 2
+    for i, result in enumerate(results):
+        assert result.output[0] == pytest.approx(i * 12)
+        assert result.batch_size == 4
+
+
+async def test_one_instance_computes_one_batch_at_a_time_even_with_more_threads() -> None:
+    runner = ConcurrentRunner()
+    runner.release.clear()
+    config = BatcherConfig(max_batch_size=4, instances=1)
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(runner, config, pool)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(_image(1)))
+        await asyncio.to_thread(runner.entered.wait, 10)
+        rest = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(2, 6)]
+        await asyncio.sleep(0.1)  # a second instance, if there were one, would start now
+        runner.release.set()
+        await asyncio.gather(first, *rest)
+        await batcher.close()
+    assert runner.most_at_once == 1
+    assert runner.shapes == [1, 4]
+
+
+async def test_closing_waits_for_every_instance_s_batch() -> None:
+    runner = ConcurrentRunner()
+    runner.release.clear()
+    config = BatcherConfig(max_batch_size=2, instances=2)
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(runner, config, pool)
+        batcher.start()
+        calls = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(4)]
+        await asyncio.to_thread(runner.entered.wait, 10)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.1)
+        assert not closing.done()  # two batches are still being computed
+        runner.release.set()
+        await asyncio.wait_for(closing, timeout=10)
+        # Every call was answered before close returned.
+        assert all(call.done() and not call.exception() for call in calls)
+    assert sorted(runner.shapes) == [2, 2]
+    assert runner.most_at_once == 2
+
+
+async def test_callers_in_a_closed_loop_are_shared_between_the_instances() -> None:
+    runner = ConcurrentRunner()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=1.0, instances=2)
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(runner, config, pool)
+        batcher.start()
+
+        async def caller(i: int) -> None:
+            for _ in range(4):
+                await batcher.submit(_image(i))
+
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(8))), timeout=20)
+        await batcher.close()
+    # 8 callers, 2 instances: no batch takes more than its share once the concurrency is
+    # known, so neither instance idles while the other computes everything.
+    assert max(runner.shapes) <= 4
+    assert sum(runner.shapes) == 32
+
+
+async def test_with_two_instances_a_batch_waits_only_for_its_share_of_the_callers() -> None:
+    events: list[str] = []
+
+    class Logged(ConcurrentRunner):
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            events.append(f"batch {batch.shape[0]}")
+            return super().__call__(batch)
+
+    runner = Logged()
+    # Callers come back 80 ms apart (0.56 s for all 8), well within the arrival gap.
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=5.0, arrival_gap_s=0.3, instances=2)
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(runner, config, pool)
+        batcher.start()
+
+        async def caller(i: int) -> None:
+            for round_ in range(2):
+                events.append(f"submit {round_} {i}")
+                await batcher.submit(_image(i))
+                await asyncio.sleep(0.08 * i)
+
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(8))), timeout=20)
+        await batcher.close()
+    # 8 callers on 2 instances: the first batch of the second round starts once about half
+    # of them are back (a padded size of at most 4), not after waiting for all of them.
+    # (From the third caller's return on: the first round's batches are long done by then.)
+    second_round = events[events.index("submit 1 2") :]
+    first_batch = next(e for e in second_round if e.startswith("batch"))
+    assert int(first_batch.split()[1]) <= 4
+    assert sum(runner.shapes) >= 16
