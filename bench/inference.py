@@ -9,13 +9,18 @@ Publishes an untrained 32x32 DenseNet121 (5 classes) to a temporary local-folder
   in-process `tf.function` call on the same preprocessed image: `p50_overhead_ms`,
   `p99_overhead_ms` (goal: p50 overhead <= 2 ms);
 - throughput under 32 concurrent clients, unary Classify and ClassifyStream, against the raw
-  in-process throughput at the batcher's max batch size: `ratio_concurrent_unary`,
-  `ratio_concurrent_stream` (goal >= 0.8);
+  in-process throughput at the batcher's max batch size, one model call at a time on all the
+  cores (the issue's baseline): `ratio_concurrent_unary`, `ratio_concurrent_stream` (goal
+  >= 0.8); and against as many concurrent in-process calls at that batch size as the service
+  has model instances, on the service's threads (a baseline that already has what instances
+  add): `ratio_concurrent_unary_vs_instances`, `ratio_concurrent_stream_vs_instances`;
 - the service's RSS after 100,000 classifications against after 1,000: `rss_growth_pct`
   (goal < 5 %; `--quick` compares 1,000 with 6,000 and says so in `rss_calls`).
 
-The clients run in this process, on the same two cores as the server: their CPU is part of
-what the ratios pay. The last stdout line is one JSON object.
+The in-process calls run in helper processes (`--in-process-worker`), one per TensorFlow
+thread configuration, since a process sizes its thread pools once; the latency baseline uses
+the service's own configuration. The clients run in this process, on the same two cores as the
+server: their CPU is part of what the ratios pay. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,14 +108,99 @@ def _in_process_latency(run: Any, one: np.ndarray, calls: int) -> list[float]:
     return latencies
 
 
-def _in_process_rate(run: Any, many: np.ndarray, seconds: float) -> float:
-    """Images per second of the model's own compiled call at the batch size of `many`."""
-    images = 0
+def _in_process_rate(run: Any, many: np.ndarray, seconds: float, calls_at_once: int = 1) -> float:
+    """Images per second of the model's own compiled call at the batch size of `many`, with
+    `calls_at_once` threads each calling it in a loop."""
+    counts = [0] * calls_at_once
+    stop = time.perf_counter() + seconds
+
+    def loop(index: int) -> None:
+        while time.perf_counter() < stop:
+            run(many)
+            counts[index] += many.shape[0]
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(calls_at_once)]
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        run(many)
-        images += many.shape[0]
-    return images / (time.perf_counter() - t0)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def _worker_main(spec: dict[str, Any]) -> int:
+    """`--in-process-worker`: the model in this process on the given TensorFlow threads,
+    measured on command (one line each, answered with one JSON line): `latency N`, `rate S`."""
+    from inference_service.runtime import configure_threads
+
+    configure_threads(spec["intra"], spec["inter"])
+    from imagemesh.config import load_settings
+    from storage_service.backends import open_object_store
+
+    settings = load_settings(storage={"local_root": spec["root"]})
+    content = Path(spec["image"]).read_bytes()
+    run, one, many = _prepare_in_process(
+        spec["model"], open_object_store(settings.storage), content, spec["batch"]
+    )
+    if spec["calls_at_once"] > 1:  # concurrent calls warmed up too
+        _in_process_rate(run, many, 0.5, spec["calls_at_once"])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command, argument = line.split()
+        if command == "latency":
+            answer: Any = _in_process_latency(run, one, int(argument))
+        elif command == "rate":
+            answer = _in_process_rate(run, many, float(argument), spec["calls_at_once"])
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+class InProcessWorker:
+    """A `--in-process-worker` process, asked for measurements one at a time."""
+
+    def __init__(self, **spec: Any) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.inference", "--in-process-worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._expect("ready")
+
+    def _expect(self, what: str) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip() == what:
+                return
+        raise SystemExit(f"an in-process worker exited with {self.proc.wait()}")
+
+    def _ask(self, command: str) -> Any:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"an in-process worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def latency(self, calls: int) -> list[float]:
+        return list(self._ask(f"latency {calls}"))
+
+    def rate(self, seconds: float) -> float:
+        return float(self._ask(f"rate {seconds}"))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _batch_size_totals(metrics_url: str) -> tuple[float, float]:
@@ -125,7 +216,11 @@ def _batch_size_totals(metrics_url: str) -> tuple[float, float]:
     ]
 
 
-def _unary_latency(address: str, content: bytes, calls: int) -> list[float]:
+def _latencies(
+    address: str, content: bytes, calls: int, in_process: InProcessWorker
+) -> tuple[list[float], list[float]]:
+    """Batch-1 latencies (ms): (in process, through Classify), one call of each in turn, so
+    that both see the same moment of the shared machine."""
     import grpc
 
     from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -135,12 +230,14 @@ def _unary_latency(address: str, content: bytes, calls: int) -> list[float]:
         request = inference_pb2.ClassifyRequest(content=content)
         for _ in range(5):
             stub.Classify(request)
-        latencies = []
+        own: list[float] = []
+        served: list[float] = []
         for _ in range(calls):
+            own += in_process.latency(1)
             t0 = time.perf_counter()
             stub.Classify(request)
-            latencies.append((time.perf_counter() - t0) * 1000)
-    return latencies
+            served.append((time.perf_counter() - t0) * 1000)
+    return own, served
 
 
 async def _concurrent(
@@ -200,6 +297,10 @@ async def _concurrent(
         return done / (loop.time() - start)
 
 
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return round(statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run, within a minute")
@@ -207,7 +308,11 @@ def main() -> int:
     parser.add_argument(
         "--max-queue-delay-ms", type=float, help="the batcher's (default: service's)"
     )
+    parser.add_argument("--instances", type=int, help="model instances (default: service's)")
+    parser.add_argument("--in-process-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process_worker:
+        return _worker_main(json.loads(args.in_process_worker))
     quick = args.quick
     # Measurements are interleaved in rounds (in process, unary, stream, ...) so that a
     # change in the shared machine's load hits baseline and service alike; ratios are the
@@ -217,17 +322,19 @@ def main() -> int:
     seconds = 1.0 if quick else 2.5
     rss_total = 4_000 if quick else 100_000
     from imagemesh.config import InferenceSettings
+    from inference_service.runtime import default_instances, default_threads
 
     defaults = InferenceSettings()
     max_batch = args.max_batch_size or defaults.max_batch_size
     delay_ms = (
         defaults.max_queue_delay_ms if args.max_queue_delay_ms is None else args.max_queue_delay_ms
     )
+    instances = args.instances or defaults.model_instances or default_instances()
+    # The service's TensorFlow threads for that many instances, and those of one call at a
+    # time on every core (the best for a single caller: intra = cores, inter = 1).
+    service_threads = default_threads(instances)
+    single_threads = default_threads(1)
 
-    from inference_service.runtime import configure_threads
-
-    # The service's defaults (intra = cores, inter = 1), before TensorFlow starts here.
-    configure_threads(0, 0)
     from imagemesh.config import load_settings
     from inference_service.model.densenet import build_untrained_classifier
     from inference_service.model.registry import ModelRegistry
@@ -243,8 +350,10 @@ def main() -> int:
             IMAGEMESH_SERVER__LOG_LEVEL="WARNING",
             IMAGEMESH_INFERENCE__MAX_BATCH_SIZE=str(max_batch),
             IMAGEMESH_INFERENCE__MAX_QUEUE_DELAY_MS=str(delay_ms),
+            IMAGEMESH_INFERENCE__MODEL_INSTANCES=str(instances),
         )
-        settings = load_settings(storage={"local_root": Path(data) / "imagemesh" / "objects"})
+        root = Path(data) / "imagemesh" / "objects"
+        settings = load_settings(storage={"local_root": root})
         store = open_object_store(settings.storage)
         print("publishing an untrained 32x32 DenseNet121 (5 classes)", file=sys.stderr)
         metadata = ModelRegistry(store).publish(
@@ -253,6 +362,8 @@ def main() -> int:
             class_names=["circle", "square", "triangle", "cross", "ring"],
             backbone_weights="none",
         )
+        image = Path(data) / "image.png"
+        image.write_bytes(contents[0])
         port, metrics_port = free_loopback_port(), free_loopback_port()
         address = f"127.0.0.1:{port}"
         env["IMAGEMESH_SERVER__METRICS_PORT"] = str(metrics_port)
@@ -265,16 +376,36 @@ def main() -> int:
         latency_in: list[float] = []
         latency_svc: list[float] = []
         raw: list[float] = []
+        raw_instances: list[float] = []
         rates: dict[str, list[float]] = {"unary": [], "stream": []}
         batch_means: dict[str, list[float]] = {"unary": [], "stream": []}
+        workers: list[InProcessWorker] = []
         try:
-            # Loaded while the service starts (both load the same artifact); measured after.
-            run, one, many = _prepare_in_process(metadata.name, store, contents[0], max_batch)
+            # Loaded while the service starts (all load the same artifact); measured after.
+            spec = {"root": str(root), "model": metadata.name, "image": str(image)}
+            single = InProcessWorker(
+                **spec,
+                intra=single_threads[0],
+                inter=single_threads[1],
+                batch=max_batch,
+                calls_at_once=1,
+            )
+            workers.append(single)
+            same = InProcessWorker(
+                **spec,
+                intra=service_threads[0],
+                inter=service_threads[1],
+                batch=max_batch,
+                calls_at_once=instances,
+            )
+            workers.append(same)
             _wait_serving(address, server)
             for number in range(1, rounds + 1):
-                latency_in += _in_process_latency(run, one, latency_calls)
-                latency_svc += _unary_latency(address, contents[0], latency_calls)
-                raw.append(_in_process_rate(run, many, seconds))
+                own, served = _latencies(address, contents[0], latency_calls, same)
+                latency_in += own
+                latency_svc += served
+                raw.append(single.rate(seconds))
+                raw_instances.append(same.rate(seconds))
                 for kind in ("unary", "stream"):
                     before = _batch_size_totals(metrics_url)
                     rates[kind].append(
@@ -285,7 +416,8 @@ def main() -> int:
                     after = _batch_size_totals(metrics_url)
                     batch_means[kind].append((after[0] - before[0]) / (after[1] - before[1]))
                 print(
-                    f"round {number}/{rounds}: raw {raw[-1]:.0f} img/s, unary "
+                    f"round {number}/{rounds}: raw {raw[-1]:.0f} img/s (one call at a time), "
+                    f"{raw_instances[-1]:.0f} ({instances} at once); unary "
                     f"{rates['unary'][-1]:.0f} (mean batch {batch_means['unary'][-1]:.1f}), "
                     f"stream {rates['stream'][-1]:.0f} "
                     f"(mean batch {batch_means['stream'][-1]:.1f})",
@@ -302,6 +434,8 @@ def main() -> int:
                 file=sys.stderr,
             )
         finally:
+            for worker in workers:
+                worker.close()
             server.terminate()
             server.wait(timeout=60)
     in50, in99 = _percentiles(latency_in)
@@ -311,24 +445,26 @@ def main() -> int:
         "quick": quick,
         "p50_overhead_ms": round(svc50 - in50, 3),
         "p99_overhead_ms": round(svc99 - in99, 3),
-        "ratio_concurrent_unary": round(
-            statistics.median(u / r for u, r in zip(rates["unary"], raw, strict=True)), 3
-        ),
-        "ratio_concurrent_stream": round(
-            statistics.median(u / r for u, r in zip(rates["stream"], raw, strict=True)), 3
-        ),
+        "ratio_concurrent_unary": _median_ratio(rates["unary"], raw),
+        "ratio_concurrent_stream": _median_ratio(rates["stream"], raw),
         "rss_growth_pct": round((rss_end - rss_start) / rss_start * 100, 2),
+        "ratio_concurrent_unary_vs_instances": _median_ratio(rates["unary"], raw_instances),
+        "ratio_concurrent_stream_vs_instances": _median_ratio(rates["stream"], raw_instances),
         "classify_p50_ms": round(svc50, 3),
         "classify_p99_ms": round(svc99, 3),
         "in_process_p50_ms": round(in50, 3),
         "in_process_p99_ms": round(in99, 3),
         "raw_img_per_s_at_max_batch": round(statistics.median(raw), 1),
+        "raw_img_per_s_at_max_batch_instances": round(statistics.median(raw_instances), 1),
         "unary_img_per_s": round(statistics.median(rates["unary"]), 1),
         "stream_img_per_s": round(statistics.median(rates["stream"]), 1),
         "unary_mean_batch": round(statistics.median(batch_means["unary"]), 2),
         "stream_mean_batch": round(statistics.median(batch_means["stream"]), 2),
         "max_batch_size": max_batch,
         "max_queue_delay_ms": delay_ms,
+        "instances": instances,
+        "service_tf_threads": list(service_threads),
+        "single_call_tf_threads": list(single_threads),
         "clients": CLIENTS,
         "rounds": rounds,
         "rss_calls": [1_000, rss_total],
