@@ -168,6 +168,9 @@ class InProcessWorker:
             stderr=subprocess.DEVNULL,
             text=True,
         )
+
+    def wait_ready(self) -> None:
+        """Returns once the model is loaded and warmed up (workers start side by side)."""
         self._expect("ready")
 
     def _expect(self, what: str) -> None:
@@ -399,6 +402,8 @@ def main() -> int:
                 calls_at_once=instances,
             )
             workers.append(same)
+            for worker in workers:
+                worker.wait_ready()
             _wait_serving(address, server)
             for number in range(1, rounds + 1):
                 own, served = _latencies(address, contents[0], latency_calls, same)
