@@ -329,14 +329,14 @@ def main() -> int:
     seconds = 1.0 if quick else 2.5
     rss_total = 4_000 if quick else 100_000
     from imagemesh.config import InferenceSettings
-    from inference_service.runtime import default_instances, default_threads
+    from inference_service.runtime import default_threads, model_instances
 
     defaults = InferenceSettings()
     max_batch = args.max_batch_size or defaults.max_batch_size
     delay_ms = (
         defaults.max_queue_delay_ms if args.max_queue_delay_ms is None else args.max_queue_delay_ms
     )
-    instances = args.instances or defaults.model_instances or default_instances()
+    instances = model_instances(args.instances or defaults.model_instances)
     # The service's TensorFlow threads for that many instances, and those of one call at a
     # time on every core (the best for a single caller: intra = cores, inter = 1).
     service_threads = default_threads(instances)

@@ -61,7 +61,7 @@ from imagemesh.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 from . import metrics
 
-__all__ = ["BatchResult", "BatcherConfig", "MicroBatcher", "Preprocess", "padded_sizes"]
+__all__ = ["BatchResult", "BatcherConfig", "MicroBatcher", "Preprocess", "Runner", "padded_sizes"]
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +156,6 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._target = 1
         # While the collector waits for a fuller batch: resolved when the queue reaches
         # `_fill_target` (by `submit`) or when the wait is over (by a timer).
         self._filled: asyncio.Future[None] | None = None
@@ -172,6 +171,14 @@ class MicroBatcher:
         # instances, callers answered by one are on their way back, unseen, when another ends.
         self._observed: collections.deque[int] = collections.deque(maxlen=config.instances)
         self.stats = _Stats()
+
+    @property
+    def _target(self) -> int:
+        """The batch size to wait for: one instance's share of the concurrency observed
+        (1 before any batch ended)."""
+        if not self._observed:
+            return 1
+        return -(-max(self._observed) // self._config.instances)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -392,7 +399,6 @@ class MicroBatcher:
         # instance's) plus those that arrived meanwhile, shared between the instances. (This
         # batch's size alone would lock a steady load into alternating half batches.)
         self._observed.append(self._in_flight + len(self._queue))
-        self._target = -(-max(self._observed) // self._config.instances)
         row = 0
         for item, error in zip(batch, errors, strict=True):
             if item.future.done():  # the caller went away meanwhile

@@ -41,13 +41,13 @@ def mount(ctx: MeshContext) -> ServiceMount:
 
         from .model.registry import ModelRegistry
         from .remote import LazyChannel, SearchPredictions, StorageImages
-        from .runtime import compile_model, configure_threads, default_instances
+        from .runtime import compile_model, configure_threads, model_instances
         from .service import InferenceDomain
         from .serving import ModelManager
 
         settings = ctx.settings
         inference = settings.inference
-        instances = inference.model_instances or default_instances()
+        instances = model_instances(inference.model_instances)
         compute = ThreadPoolExecutor(instances, thread_name_prefix="imagemesh-model")
         decode = ThreadPoolExecutor(2, thread_name_prefix="imagemesh-decode")
         manager = ModelManager(

@@ -21,8 +21,8 @@ __all__ = [
     "cgroup_cpu_limit",
     "compile_model",
     "configure_threads",
-    "default_instances",
     "default_threads",
+    "model_instances",
     "usable_cores",
 ]
 
@@ -61,9 +61,10 @@ def usable_cores() -> int:
     return max(1, min(cores, limit) if limit else cores)
 
 
-def default_instances() -> int:
-    """Model instances when configured as 0: one per core (see `InferenceSettings`)."""
-    return usable_cores()
+def model_instances(configured: int) -> int:
+    """The model instances to run: `configured`, or one per core when it is 0 (see
+    `InferenceSettings.model_instances`)."""
+    return configured or usable_cores()
 
 
 def default_threads(instances: int = 1) -> tuple[int, int]:

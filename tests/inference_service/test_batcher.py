@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from imagemesh.errors import DeadlineExceeded, ResourceExhausted
-from inference_service.batcher import BatcherConfig, MicroBatcher, padded_sizes
+from inference_service.batcher import BatcherConfig, MicroBatcher, Runner, padded_sizes
 
 
 class CountingRunner:
@@ -300,16 +302,27 @@ class ConcurrentRunner(CountingRunner):
                 self._active -= 1
 
 
-async def test_two_instances_share_the_queue_and_compute_two_batches_at_once() -> None:
-    runner = ConcurrentRunner(meet=2)
-    config = BatcherConfig(max_batch_size=8, instances=2)
-    with ThreadPoolExecutor(2) as pool:
+@contextlib.asynccontextmanager
+async def _started(
+    runner: Runner, config: BatcherConfig, threads: int | None = None
+) -> AsyncIterator[MicroBatcher]:
+    """A started batcher on an executor of `threads` (default: one per instance); closed
+    after the block, before the executor shuts down."""
+    with ThreadPoolExecutor(threads or config.instances) as pool:
         batcher = MicroBatcher(runner, config, pool)
         batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.close()
+
+
+async def test_two_instances_share_the_queue_and_compute_two_batches_at_once() -> None:
+    runner = ConcurrentRunner(meet=2)
+    async with _started(runner, BatcherConfig(max_batch_size=8, instances=2)) as batcher:
         results = await asyncio.wait_for(
             asyncio.gather(*(batcher.submit(_image(i)) for i in range(8))), timeout=10
         )
-        await batcher.close()
     # Eight waiting images and two free instances: two batches of four, computed together.
     assert sorted(runner.shapes) == [4, 4]
     assert runner.most_at_once == 2
@@ -322,16 +335,13 @@ async def test_one_instance_computes_one_batch_at_a_time_even_with_more_threads(
     runner = ConcurrentRunner()
     runner.release.clear()
     config = BatcherConfig(max_batch_size=4, instances=1)
-    with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(runner, config, pool)
-        batcher.start()
+    async with _started(runner, config, threads=2) as batcher:
         first = asyncio.ensure_future(batcher.submit(_image(1)))
         await asyncio.to_thread(runner.entered.wait, 10)
         rest = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(2, 6)]
         await asyncio.sleep(0.1)  # a second instance, if there were one, would start now
         runner.release.set()
         await asyncio.gather(first, *rest)
-        await batcher.close()
     assert runner.most_at_once == 1
     assert runner.shapes == [1, 4]
 
@@ -339,10 +349,7 @@ async def test_one_instance_computes_one_batch_at_a_time_even_with_more_threads(
 async def test_closing_waits_for_every_instance_s_batch() -> None:
     runner = ConcurrentRunner()
     runner.release.clear()
-    config = BatcherConfig(max_batch_size=2, instances=2)
-    with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(runner, config, pool)
-        batcher.start()
+    async with _started(runner, BatcherConfig(max_batch_size=2, instances=2)) as batcher:
         calls = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(4)]
         await asyncio.to_thread(runner.entered.wait, 10)
         closing = asyncio.ensure_future(batcher.close())
@@ -359,16 +366,13 @@ async def test_closing_waits_for_every_instance_s_batch() -> None:
 async def test_callers_in_a_closed_loop_are_shared_between_the_instances() -> None:
     runner = ConcurrentRunner()
     config = BatcherConfig(max_batch_size=8, max_queue_delay_s=1.0, instances=2)
-    with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(runner, config, pool)
-        batcher.start()
+    async with _started(runner, config) as batcher:
 
         async def caller(i: int) -> None:
             for _ in range(4):
                 await batcher.submit(_image(i))
 
         await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(8))), timeout=20)
-        await batcher.close()
     # 8 callers, 2 instances: no batch takes more than its share once the concurrency is
     # known, so neither instance idles while the other computes everything.
     assert max(runner.shapes) <= 4
@@ -386,9 +390,7 @@ async def test_with_two_instances_a_batch_waits_only_for_its_share_of_the_caller
     runner = Logged()
     # Callers come back 80 ms apart (0.56 s for all 8), well within the arrival gap.
     config = BatcherConfig(max_batch_size=8, max_queue_delay_s=5.0, arrival_gap_s=0.3, instances=2)
-    with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(runner, config, pool)
-        batcher.start()
+    async with _started(runner, config) as batcher:
 
         async def caller(i: int) -> None:
             for round_ in range(2):
@@ -397,7 +399,6 @@ async def test_with_two_instances_a_batch_waits_only_for_its_share_of_the_caller
                 await asyncio.sleep(0.08 * i)
 
         await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(8))), timeout=20)
-        await batcher.close()
     # 8 callers on 2 instances: the first batch of the second round starts once about half
     # of them are back (a padded size of at most 4), not after waiting for all of them.
     # (From the third caller's return on: the first round's batches are long done by then.)

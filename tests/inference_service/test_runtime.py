@@ -36,7 +36,8 @@ def test_a_quota_caps_the_cores_and_so_the_instances(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _pid: set(range(64)))
     monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2)
     assert runtime.usable_cores() == 2
-    assert runtime.default_instances() == 2
+    assert runtime.model_instances(0) == 2
+    assert runtime.model_instances(3) == 3  # configured: kept as it is
     monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: None)
     assert runtime.usable_cores() == 64
 
