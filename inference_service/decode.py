@@ -6,15 +6,26 @@ Guards, checked from the header before any pixel is decoded: the encoded size an
 count (a small PNG can claim gigapixels: a decompression bomb). Everything wrong with the input
 is an `InvalidArgument` whose message says what and by how much. The backbone's normalisation is
 not applied here: it is built into the model (see `model.densenet`).
+
+PNGs of 8 bits or fewer per sample (most datasets of small images) are decoded by libspng
+(`pyspng`), every other image by Pillow. Pillow's PNG path runs its chunk parser in Python:
+measured on a 32x32 RGB PNG, 80 us a decode in a loop and ~520 us for one decode after the
+thread slept 12 ms (what a lone call sees: its code is no longer in the CPU's caches), against
+26 and ~160 us through libspng. Both give the same pixels (tested per colour type and bit depth).
+16-bit PNGs stay with Pillow, whose reduction to 8 bits libspng would not reproduce. libspng, as
+pyspng sets it up, does not check chunk CRCs: a PNG whose pixels decode is accepted even if a
+checksum is wrong.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from imagemesh.errors import InvalidArgument
@@ -23,6 +34,7 @@ __all__ = ["ACCEPTED_FORMATS", "ImageLimits", "decode_image"]
 
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF"})
 _NPY_MAGIC = b"\x93NUMPY"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,39 @@ def decode_image(
         )
     if data.startswith(_NPY_MAGIC):
         return _decode_npy(data, size, limits, field)
+    header = _png_header(data)
+    if header is not None and header[2] <= 8:
+        return _decode_png(data, header, size, limits, field)
     return _decode_encoded(data, size, limits, field)
+
+
+def _png_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, bits per sample) of a PNG, from its IHDR chunk (the format puts it
+    first, at a fixed offset); None if `data` does not start as a PNG does."""
+    if len(data) < 25 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height, data[24]
+
+
+def _decode_png(
+    data: bytes,
+    header: tuple[int, int, int],
+    size: tuple[int, int],
+    limits: ImageLimits,
+    field: str,
+) -> np.ndarray:
+    _check_pixels(header[0], header[1], limits, field)
+    try:
+        rgb: np.ndarray = pyspng.load(data, "RGB")
+    except RuntimeError as exc:  # libspng's errors: truncated, corrupt, bad header values
+        raise _invalid(f"{field} could not be decoded: {exc}", "UNDECODABLE_IMAGE", field) from None
+    height, width = size
+    if rgb.shape[:2] == (height, width):
+        return rgb.astype(np.float32)
+    # The same resize as the Pillow path's, on the same pixels.
+    resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, field: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from imagemesh.errors import InvalidArgument
+from inference_service import decode
 from inference_service.decode import ImageLimits, decode_image
 
 LIMITS = ImageLimits(max_image_bytes=1_000_000, max_image_pixels=250_000)
@@ -19,6 +20,10 @@ def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+# A PNG's signature and IHDR chunk (32x32, 8-bit RGB), without its pixel data.
+_PNG_START = _encode(Image.fromarray(PIXELS), "PNG")[:33]
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -53,6 +58,49 @@ def test_any_colour_mode_becomes_rgb(mode: str) -> None:
     assert out.shape == (32, 32, 3)
 
 
+def _png_cases() -> list[tuple[str, bytes]]:
+    rgb = Image.fromarray(PIXELS)
+    palette = rgb.quantize(16)
+    with_transparency = rgb.convert("P")
+    with_transparency.info["transparency"] = 3
+    return [
+        ("RGB", _encode(rgb, "PNG")),
+        ("RGBA", _encode(rgb.convert("RGBA"), "PNG")),
+        ("L", _encode(rgb.convert("L"), "PNG")),
+        ("LA", _encode(rgb.convert("LA"), "PNG")),
+        ("1 bit", _encode(rgb.convert("1"), "PNG")),
+        ("P 8 bits", _encode(rgb.convert("P"), "PNG")),
+        ("P 4 bits", _encode(palette, "PNG", bits=4)),
+        ("P with transparency", _encode(with_transparency, "PNG")),
+        ("RGB 48x40, resized", _encode(rgb.resize((48, 40)), "PNG")),
+        ("RGB 16x16, resized", _encode(rgb.resize((16, 16)), "PNG")),
+    ]
+
+
+@pytest.mark.parametrize(("case", "png"), _png_cases(), ids=[case for case, _ in _png_cases()])
+def test_pngs_decode_through_libspng_to_pillows_pixels(case: str, png: bytes) -> None:
+    header = decode._png_header(png)
+    assert header is not None
+    assert header[2] <= 8
+    through_libspng = decode_image(png, (32, 32), LIMITS)
+    through_pillow = decode._decode_encoded(png, (32, 32), LIMITS, "content")
+    assert through_libspng.dtype == np.float32
+    assert through_libspng.shape == (32, 32, 3)
+    np.testing.assert_array_equal(through_libspng, through_pillow)
+
+
+def test_16_bit_pngs_decode_through_pillow() -> None:
+    gray16 = Image.fromarray((PIXELS[:, :, 0].astype(np.uint16) * 257).astype(np.uint16))
+    png = _encode(gray16, "PNG")
+    header = decode._png_header(png)
+    assert header is not None
+    assert header[2] == 16
+    np.testing.assert_array_equal(
+        decode_image(png, (32, 32), LIMITS),
+        decode._decode_encoded(png, (32, 32), LIMITS, "content"),
+    )
+
+
 def test_images_are_resized_to_the_model_input() -> None:
     big = Image.fromarray(PIXELS).resize((300, 200))
     out = decode_image(_encode(big, "JPEG"), (32, 32), LIMITS)
@@ -77,6 +125,12 @@ def test_npy_arrays_uint8_float_gray_and_resized() -> None:
         (b"\x00" * 100, "UNDECODABLE_IMAGE"),
         (b"x" * 1_000_001, "IMAGE_TOO_LARGE"),
         (_encode(Image.fromarray(PIXELS), "PNG")[:80], "UNDECODABLE_IMAGE"),
+        # A PNG header claiming a 0-pixel-wide image; then one whose pixel data is not zlib.
+        (_PNG_START[:16] + bytes(4) + _PNG_START[20:], "EMPTY_IMAGE"),
+        (
+            _PNG_START + b"\x00\x00\x00\x10IDAT" + b"not zlib at all!" + bytes(4),
+            "UNDECODABLE_IMAGE",
+        ),
         (_encode(Image.new("RGB", (8, 8)), "GIF"), "UNSUPPORTED_IMAGE_FORMAT"),
         # 600x600 = 360,000 pixels over the 250,000 limit, a few hundred bytes of PNG.
         (_encode(Image.new("RGB", (600, 600)), "PNG"), "IMAGE_TOO_MANY_PIXELS"),
