@@ -175,10 +175,11 @@ class MicroBatcher:
     @property
     def _target(self) -> int:
         """The batch size to wait for: one instance's share of the concurrency observed
-        (1 before any batch ended)."""
+        (1 before any batch ended), at most `max_batch_size`."""
         if not self._observed:
             return 1
-        return -(-max(self._observed) // self._config.instances)
+        share = -(-max(self._observed) // self._config.instances)
+        return min(share, self._config.max_batch_size)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -262,17 +263,23 @@ class MicroBatcher:
                     await self._arrived.wait()
                     continue
                 await self._fill(loop)
-                batch = self._take(loop)
-                if batch:
-                    self._launch(loop, batch)
+                self._launch(loop, self._take(loop))
         finally:
             # Closing (or cancelled): the batches being computed still answer their callers.
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
 
     def _launch(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item]) -> None:
+        if not batch:  # every image taken was dropped (deadline passed, caller gone)
+            return
         self._in_flight += len(batch)
-        task = loop.create_task(self._run(loop, batch), name=f"batch {self._label}")
+        # Handed to the executor here rather than in the task's first step, which would come
+        # one event-loop iteration later.
+        started = loop.time()
+        computing = loop.run_in_executor(self._executor, self._compute, batch)
+        task = loop.create_task(
+            self._run(loop, batch, computing, started), name=f"batch {self._label}"
+        )
         self._running.add(task)
 
         def finished(done: asyncio.Task[None]) -> None:
@@ -284,7 +291,7 @@ class MicroBatcher:
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits until the queue reaches the target size, images stop coming, or time is up."""
-        target = min(self._target, self._config.max_batch_size)
+        target = self._target
         if len(self._queue) >= target or self._closing:
             return
         start = loop.time()
@@ -375,10 +382,15 @@ class MicroBatcher:
         outputs = self._runner(inputs)
         return _Computed(outputs, errors, time.perf_counter() - t0)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item]) -> None:
-        started = loop.time()
+    async def _run(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: Sequence[_Item],
+        computing: asyncio.Future[_Computed],
+        started: float,
+    ) -> None:
         try:
-            computed = await loop.run_in_executor(self._executor, self._compute, batch)
+            computed = await computing
         except Exception as exc:  # a failed batch fails its calls, never the collector
             _log.exception("batch of %d failed on %s", len(batch), self._label)
             for item in batch:
