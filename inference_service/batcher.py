@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -164,7 +165,7 @@ class MicroBatcher:
         # When the last batch's callers were answered (their next calls come after it).
         self._answered = 0.0
         # Batches being computed, the images in them, and a signal that one finished.
-        self._running: set[asyncio.Task[None]] = set()
+        self._busy = 0
         self._in_flight = 0
         self._freed = asyncio.Event()
         # The concurrency seen at the last batches' ends (one per instance): with several
@@ -249,7 +250,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if len(self._running) >= self._config.instances:
+                if self._busy >= self._config.instances:
                     # Every instance is busy: the next batch forms when one is free. The wait
                     # ends after the finished batch's callers were woken, so their replies go
                     # out before the next batch's wait starts its clock.
@@ -266,28 +267,20 @@ class MicroBatcher:
                 self._launch(loop, self._take(loop))
         finally:
             # Closing (or cancelled): the batches being computed still answer their callers.
-            if self._running:
-                await asyncio.gather(*self._running, return_exceptions=True)
+            while self._busy:
+                self._freed.clear()
+                await self._freed.wait()
 
     def _launch(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item]) -> None:
         if not batch:  # every image taken was dropped (deadline passed, caller gone)
             return
         self._in_flight += len(batch)
-        # Handed to the executor here rather than in the task's first step, which would come
-        # one event-loop iteration later.
+        self._busy += 1
         started = loop.time()
-        computing = loop.run_in_executor(self._executor, self._compute, batch)
-        task = loop.create_task(
-            self._run(loop, batch, computing, started), name=f"batch {self._label}"
-        )
-        self._running.add(task)
-
-        def finished(done: asyncio.Task[None]) -> None:
-            self._running.discard(done)
-            self._in_flight -= len(batch)
-            self._freed.set()
-
-        task.add_done_callback(finished)
+        try:
+            self._executor.submit(self._compute_then_answer, loop, batch, started)
+        except RuntimeError as exc:  # the executor was shut down
+            self._answer(loop, batch, exc, started)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Waits until the queue reaches the target size, images stop coming, or time is up."""
@@ -332,7 +325,7 @@ class MicroBatcher:
         # With other instances free too, a queue longer than one batch's share is shared among
         # them rather than all put in one batch while they idle (two batches of 16 at once
         # beat one of 32 here).
-        free = max(1, self._config.instances - len(self._running))
+        free = max(1, self._config.instances - self._busy)
         share = max(self._target, -(-len(self._queue) // free))
         size = min(self._config.max_batch_size, share)
         batch: list[_Item] = []
@@ -382,21 +375,49 @@ class MicroBatcher:
         outputs = self._runner(inputs)
         return _Computed(outputs, errors, time.perf_counter() - t0)
 
-    async def _run(
+    def _compute_then_answer(
+        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item], started: float
+    ) -> None:
+        """On the compute thread: the batch, then its answers handed straight to the event
+        loop (one wake-up; through `run_in_executor`'s futures and a task, a lone call's
+        answer went out two event-loop iterations later)."""
+        outcome: _Computed | BaseException
+        try:
+            outcome = self._compute(batch)
+        except BaseException as exc:  # a failed batch fails its calls, never the collector
+            outcome = exc
+        # RuntimeError: the event loop is closed, and no caller is left to answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._answer, loop, batch, outcome, started)
+
+    def _answer(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: Sequence[_Item],
-        computing: asyncio.Future[_Computed],
+        outcome: _Computed | BaseException,
         started: float,
     ) -> None:
+        """On the event loop: answers the batch's callers, then frees its instance."""
         try:
-            computed = await computing
-        except Exception as exc:  # a failed batch fails its calls, never the collector
-            _log.exception("batch of %d failed on %s", len(batch), self._label)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
+            if isinstance(outcome, BaseException):
+                _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(outcome)
+            else:
+                self._answer_computed(loop, batch, outcome, started)
+        finally:
+            self._busy -= 1
+            self._in_flight -= len(batch)
+            self._freed.set()
+
+    def _answer_computed(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: Sequence[_Item],
+        computed: _Computed,
+        started: float,
+    ) -> None:
         outputs, errors = computed.outputs, computed.errors
         n = len(batch) - sum(error is not None for error in errors)
         if outputs is not None:

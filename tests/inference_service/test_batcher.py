@@ -186,6 +186,16 @@ async def test_a_failing_batch_fails_its_calls_and_the_batcher_goes_on(executor)
     await batcher.close()
 
 
+async def test_a_batch_the_executor_refuses_fails_its_calls_instead_of_hanging() -> None:
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()  # submit now raises RuntimeError
+    batcher = MicroBatcher(CountingRunner(), BatcherConfig(max_batch_size=4), pool)
+    batcher.start()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        await asyncio.wait_for(batcher.submit(_image(1)), timeout=5)
+    await asyncio.wait_for(batcher.close(), timeout=5)  # nothing is left computing
+
+
 async def test_batches_queue_delay_and_compute_time_are_exported_to_prometheus(executor) -> None:
     from prometheus_client import REGISTRY
 
