@@ -17,6 +17,12 @@ Publishes an untrained 32x32 DenseNet121 (5 classes) to a temporary local-folder
 - the service's RSS after 100,000 classifications against after 1,000: `rss_growth_pct`
   (goal < 5 %; `--quick` compares 1,000 with 6,000 and says so in `rss_calls`).
 
+For scale, the same latency is measured through a bare gRPC server (`--grpc-floor-worker`):
+grpc.aio, no interceptor, no decoding, no batching, each call running the same compiled model
+on a thread on an already decoded image. Its overhead, `grpc_floor_p50_overhead_ms`, is what
+this machine charges any Python gRPC server for a request, a thread hop and an answer, and
+for the idle time between calls (the model's memory leaves the CPU caches meanwhile).
+
 The in-process calls run in helper processes (`--in-process-worker`), one per TensorFlow
 thread configuration, since a process sizes its thread pools once; the latency baseline uses
 the service's own configuration. The clients run in this process, on the same two cores as the
@@ -158,12 +164,56 @@ def _worker_main(spec: dict[str, Any]) -> int:
     return 0
 
 
-class InProcessWorker:
-    """A `--in-process-worker` process, asked for measurements one at a time."""
+def _floor_main(spec: dict[str, Any]) -> int:
+    """`--grpc-floor-worker`: a bare grpc.aio InferenceService on `spec["port"]` whose Classify
+    runs the model on a thread on one already decoded image; serves until stdin closes."""
+    from inference_service.runtime import configure_threads
 
-    def __init__(self, **spec: Any) -> None:
+    configure_threads(spec["intra"], spec["inter"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from imagemesh.config import load_settings
+    from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
+    from storage_service.backends import open_object_store
+
+    settings = load_settings(storage={"local_root": spec["root"]})
+    content = Path(spec["image"]).read_bytes()
+    run, one, _ = _prepare_in_process(
+        spec["model"], open_object_store(settings.storage), content, 1
+    )
+    pool = ThreadPoolExecutor(spec["inter"])
+
+    class Bare(inference_pb2_grpc.InferenceServiceServicer):
+        async def Classify(self, request: Any, context: Any) -> Any:
+            output = await asyncio.get_running_loop().run_in_executor(pool, run, one)
+            best = int(np.argmax(output[0]))
+            reply = inference_pb2.ClassifyResponse(model_version=spec["model"])
+            reply.top_classes.add(class_index=best, probability=float(output[0][best]))
+            return reply
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(Bare(), server)
+        server.add_insecure_port(f"127.0.0.1:{spec['port']}")
+        await server.start()
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until closed
+        await server.stop(None)
+
+    asyncio.run(serve())
+    pool.shutdown()
+    return 0
+
+
+class InProcessWorker:
+    """A `--in-process-worker` (or `--grpc-floor-worker`) process, asked for measurements one
+    at a time."""
+
+    def __init__(self, role: str = "--in-process-worker", **spec: Any) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.inference", "--in-process-worker", json.dumps(spec)],
+            [sys.executable, "-m", "bench.inference", role, json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -317,9 +367,12 @@ def main() -> int:
     )
     parser.add_argument("--instances", type=int, help="model instances (default: service's)")
     parser.add_argument("--in-process-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-floor-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process_worker:
         return _worker_main(json.loads(args.in_process_worker))
+    if args.grpc_floor_worker:
+        return _floor_main(json.loads(args.grpc_floor_worker))
     quick = args.quick
     # Measurements are interleaved in rounds (in process, unary, stream, ...) so that a
     # change in the shared machine's load hits baseline and service alike; ratios are the
@@ -382,6 +435,8 @@ def main() -> int:
         )
         latency_in: list[float] = []
         latency_svc: list[float] = []
+        floor_in: list[float] = []
+        floor_served: list[float] = []
         raw: list[float] = []
         raw_instances: list[float] = []
         rates: dict[str, list[float]] = {"unary": [], "stream": []}
@@ -406,6 +461,16 @@ def main() -> int:
                 calls_at_once=instances,
             )
             workers.append(same)
+            floor_address = f"127.0.0.1:{free_loopback_port()}"
+            workers.append(
+                InProcessWorker(
+                    "--grpc-floor-worker",
+                    **spec,
+                    intra=service_threads[0],
+                    inter=service_threads[1],
+                    port=int(floor_address.rsplit(":", 1)[1]),
+                )
+            )
             for worker in workers:
                 worker.wait_ready()
             _wait_serving(address, server)
@@ -413,6 +478,9 @@ def main() -> int:
                 own, served = _latencies(address, contents[0], latency_calls, same)
                 latency_in += own
                 latency_svc += served
+                own, served = _latencies(floor_address, contents[0], latency_calls // 2, same)
+                floor_in += own
+                floor_served += served
                 raw.append(single.rate(seconds))
                 raw_instances.append(same.rate(seconds))
                 for kind in ("unary", "stream"):
@@ -449,6 +517,7 @@ def main() -> int:
             server.wait(timeout=60)
     in50, in99 = _percentiles(latency_in)
     svc50, svc99 = _percentiles(latency_svc)
+    floor_overhead = _percentiles(floor_served)[0] - _percentiles(floor_in)[0]
     result = {
         "bench": "inference",
         "quick": quick,
@@ -459,6 +528,7 @@ def main() -> int:
         "rss_growth_pct": round((rss_end - rss_start) / rss_start * 100, 2),
         "ratio_concurrent_unary_vs_instances": _median_ratio(rates["unary"], raw_instances),
         "ratio_concurrent_stream_vs_instances": _median_ratio(rates["stream"], raw_instances),
+        "grpc_floor_p50_overhead_ms": round(floor_overhead, 3),
         "classify_p50_ms": round(svc50, 3),
         "classify_p99_ms": round(svc99, 3),
         "in_process_p50_ms": round(in50, 3),
