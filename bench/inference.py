@@ -461,14 +461,15 @@ def main() -> int:
                 calls_at_once=instances,
             )
             workers.append(same)
-            floor_address = f"127.0.0.1:{free_loopback_port()}"
+            floor_port = free_loopback_port()
+            floor_address = f"127.0.0.1:{floor_port}"
             workers.append(
                 InProcessWorker(
                     "--grpc-floor-worker",
                     **spec,
                     intra=service_threads[0],
                     inter=service_threads[1],
-                    port=int(floor_address.rsplit(":", 1)[1]),
+                    port=floor_port,
                 )
             )
             for worker in workers:
