@@ -135,9 +135,9 @@ def _in_process_rate(run: Any, many: np.ndarray, seconds: float, calls_at_once: 
     return sum(counts) / (time.perf_counter() - t0)
 
 
-def _worker_main(spec: dict[str, Any]) -> int:
-    """`--in-process-worker`: the model in this process on the given TensorFlow threads,
-    measured on command (one line each, answered with one JSON line): `latency N`, `rate S`."""
+def _load_in_worker(spec: dict[str, Any], batch: int) -> tuple[Any, np.ndarray, np.ndarray]:
+    """In a helper process: TensorFlow sized to the spec's threads (before its runtime
+    starts), then `_prepare_in_process` on the spec's store, model and image."""
     from inference_service.runtime import configure_threads
 
     configure_threads(spec["intra"], spec["inter"])
@@ -146,9 +146,13 @@ def _worker_main(spec: dict[str, Any]) -> int:
 
     settings = load_settings(storage={"local_root": spec["root"]})
     content = Path(spec["image"]).read_bytes()
-    run, one, many = _prepare_in_process(
-        spec["model"], open_object_store(settings.storage), content, spec["batch"]
-    )
+    return _prepare_in_process(spec["model"], open_object_store(settings.storage), content, batch)
+
+
+def _worker_main(spec: dict[str, Any]) -> int:
+    """`--in-process-worker`: the model in this process on the given TensorFlow threads,
+    measured on command (one line each, answered with one JSON line): `latency N`, `rate S`."""
+    run, one, many = _load_in_worker(spec, spec["batch"])
     if spec["calls_at_once"] > 1:  # concurrent calls warmed up too
         _in_process_rate(run, many, 0.5, spec["calls_at_once"])
     print("ready", flush=True)
@@ -167,22 +171,13 @@ def _worker_main(spec: dict[str, Any]) -> int:
 def _floor_main(spec: dict[str, Any]) -> int:
     """`--grpc-floor-worker`: a bare grpc.aio InferenceService on `spec["port"]` whose Classify
     runs the model on a thread on one already decoded image; serves until stdin closes."""
-    from inference_service.runtime import configure_threads
-
-    configure_threads(spec["intra"], spec["inter"])
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
-    from imagemesh.config import load_settings
     from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
-    from storage_service.backends import open_object_store
 
-    settings = load_settings(storage={"local_root": spec["root"]})
-    content = Path(spec["image"]).read_bytes()
-    run, one, _ = _prepare_in_process(
-        spec["model"], open_object_store(settings.storage), content, 1
-    )
+    run, one, _ = _load_in_worker(spec, 1)
     pool = ThreadPoolExecutor(spec["inter"])
 
     class Bare(inference_pb2_grpc.InferenceServiceServicer):
