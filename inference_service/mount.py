@@ -18,6 +18,7 @@ from imagemesh.server import ServiceMount
 from .batch.servicer import BatchJobsServicer
 from .batcher import BatcherConfig
 from .decode import ImageLimits
+from .hot_pool import HotThreadPool
 from .servicer import InferenceServicer
 
 __all__ = ["SERVICE_NAME", "mount"]
@@ -48,7 +49,8 @@ def mount(ctx: MeshContext) -> ServiceMount:
         settings = ctx.settings
         inference = settings.inference
         instances = model_instances(inference.model_instances)
-        compute = ThreadPoolExecutor(instances, thread_name_prefix="imagemesh-model")
+        # The model's threads: a lone caller's batches stay on the thread that ran the last one.
+        compute = HotThreadPool(instances, thread_name_prefix="imagemesh-model")
         decode = ThreadPoolExecutor(2, thread_name_prefix="imagemesh-decode")
         manager = ModelManager(
             ModelRegistry(open_object_store(settings.storage)),

@@ -215,6 +215,8 @@ async def test_batches_queue_delay_and_compute_time_are_exported_to_prometheus(e
     batcher.start()
     await asyncio.gather(*(batcher.submit(_image(i)) for i in range(4)))
     await batcher.close()
+    # The compute thread observes a batch after handing its answers over: let it finish.
+    executor.shutdown(wait=True)
     batches = (
         sample("imagemesh_inference_batch_size_count")
         - before["imagemesh_inference_batch_size_count"]
