@@ -9,56 +9,21 @@ batch sizes warmed up before serving.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imagemesh.cores import usable_cores
+
 __all__ = [
-    "cgroup_cpu_limit",
     "compile_model",
     "configure_threads",
     "default_threads",
     "model_instances",
-    "usable_cores",
 ]
 
 _log = logging.getLogger(__name__)
-
-
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def cgroup_cpu_limit(cpu_max: Path = _CGROUP_CPU_MAX) -> int | None:
-    """The CPUs a cgroup v2 quota allows (`cpu.max`: "quota period"), rounded up; None if
-    there is no quota or no such file.
-
-    A container limited to 2 CPUs on a 64-core node still sees 64 cores in its affinity mask;
-    sized by that, it would start 64 model instances on 2 CPUs' worth of time.
-    """
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    try:
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(cores, limit) if limit else cores)
 
 
 def model_instances(configured: int) -> int:

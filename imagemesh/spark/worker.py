@@ -12,10 +12,11 @@ forks its Python workers from a daemon, and TensorFlow's runtime is not fork-saf
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
+
+from imagemesh.cores import usable_cores
 
 __all__ = ["configure_tensorflow", "freeze_worker_heap", "task_cores", "worker_cached"]
 
@@ -52,14 +53,15 @@ def worker_cached(key: Hashable, factory: Callable[[], T]) -> T:
 
 
 def task_cores() -> int:
-    """The cores the running Spark task owns (`spark.task.cpus`); outside a task, all of them."""
+    """The cores the running Spark task owns (`spark.task.cpus`); outside a task, those this
+    process may use (its affinity, capped by a cgroup quota: not the host's count)."""
     try:
         from pyspark import TaskContext
     except ImportError:  # pragma: no cover - pyspark is a dependency
-        return os.cpu_count() or 1
+        return usable_cores()
     context = TaskContext.get()
     if context is None:
-        return os.cpu_count() or 1
+        return usable_cores()
     return max(1, int(context.cpus()))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,35 +9,10 @@ from inference_service import runtime
 from tests.inference_service.fixtures import TinyModels
 
 
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        ("max 100000\n", None),  # no quota
-        ("200000 100000\n", 2),
-        ("150000 100000\n", 2),  # 1.5 CPUs: rounded up, a half core still runs an instance
-        ("50000 100000\n", 1),
-        ("garbage\n", None),
-        ("100000 0\n", None),
-    ],
-)
-def test_a_cgroup_quota_is_read_from_cpu_max(tmp_path: Path, content: str, expected) -> None:
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text(content)
-    assert runtime.cgroup_cpu_limit(cpu_max) == expected
-
-
-def test_no_cgroup_file_means_no_quota(tmp_path: Path) -> None:
-    assert runtime.cgroup_cpu_limit(tmp_path / "missing") is None
-
-
-def test_a_quota_caps_the_cores_and_so_the_instances(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _pid: set(range(64)))
-    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2)
-    assert runtime.usable_cores() == 2
+def test_the_instances_default_to_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     assert runtime.model_instances(0) == 2
     assert runtime.model_instances(3) == 3  # configured: kept as it is
-    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: None)
-    assert runtime.usable_cores() == 64
 
 
 def test_threads_are_shared_among_the_instances(monkeypatch: pytest.MonkeyPatch) -> None:
