@@ -105,6 +105,21 @@ def _prepare_in_process(
     return run, one, many
 
 
+def publish_bench_model(store: Any) -> Any:
+    """Publishes the model every inference bench measures (an untrained 32x32 DenseNet121 with
+    5 classes) to `store`; returns its metadata."""
+    from inference_service.model.densenet import build_untrained_classifier
+    from inference_service.model.registry import ModelRegistry
+
+    print("publishing an untrained 32x32 DenseNet121 (5 classes)", file=sys.stderr)
+    return ModelRegistry(store).publish(
+        "default",
+        build_untrained_classifier(5, (32, 32), seed=0),
+        class_names=["circle", "square", "triangle", "cross", "ring"],
+        backbone_weights="none",
+    )
+
+
 def _in_process_latency(run: Any, one: np.ndarray, calls: int) -> list[float]:
     """Batch-1 latencies (ms) of the model's own compiled call."""
     latencies = []
@@ -391,8 +406,6 @@ def main() -> int:
     single_threads = default_threads(1)
 
     from imagemesh.config import load_settings
-    from inference_service.model.densenet import build_untrained_classifier
-    from inference_service.model.registry import ModelRegistry
     from storage_service.backends import open_object_store
     from trainer.datasets import generate_images, to_png
 
@@ -410,13 +423,7 @@ def main() -> int:
         root = Path(data) / "imagemesh" / "objects"
         settings = load_settings(storage={"local_root": root})
         store = open_object_store(settings.storage)
-        print("publishing an untrained 32x32 DenseNet121 (5 classes)", file=sys.stderr)
-        metadata = ModelRegistry(store).publish(
-            "default",
-            build_untrained_classifier(5, (32, 32), seed=0),
-            class_names=["circle", "square", "triangle", "cross", "ring"],
-            backbone_weights="none",
-        )
+        metadata = publish_bench_model(store)
         image = Path(data) / "image.png"
         image.write_bytes(contents[0])
         port, metrics_port = free_loopback_port(), free_loopback_port()

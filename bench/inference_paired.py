@@ -146,7 +146,12 @@ def main() -> int:
     args = parser.parse_args()
     if not __package__:  # run as a script (`make bench`): the repository holds `bench`
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.inference import InProcessWorker, _concurrent, _wait_serving
+    from bench.inference import (
+        InProcessWorker,
+        _concurrent,
+        _wait_serving,
+        publish_bench_model,
+    )
 
     variants = [_parse_variant(text) for text in args.variant] or [("a", {}), ("b", {})]
     names = [name for name, _ in variants]
@@ -157,8 +162,6 @@ def main() -> int:
     turns = 8 if args.quick else 100
 
     from imagemesh.config import load_settings
-    from inference_service.model.densenet import build_untrained_classifier
-    from inference_service.model.registry import ModelRegistry
     from inference_service.runtime import default_threads, model_instances
     from storage_service.backends import open_object_store
     from trainer.datasets import generate_images, to_png
@@ -168,13 +171,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="imagemesh-bench-") as data:
         root = Path(data) / "objects"
         store = open_object_store(load_settings(storage={"local_root": root}).storage)
-        print("publishing an untrained 32x32 DenseNet121 (5 classes)", file=sys.stderr)
-        metadata = ModelRegistry(store).publish(
-            "default",
-            build_untrained_classifier(5, (32, 32), seed=0),
-            class_names=["circle", "square", "triangle", "cross", "ring"],
-            backbone_weights="none",
-        )
+        metadata = publish_bench_model(store)
         try:
             for name, settings in variants:
                 port = free_loopback_port()
