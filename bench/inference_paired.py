@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,6 @@ class _Server:
     name: str
     address: str
     proc: subprocess.Popen[Any]
-    latencies: list[float] = field(default_factory=list)
     worker: InProcessWorker | None = None
 
     def cpu_seconds(self) -> float:
@@ -116,6 +115,15 @@ def _measure(servers: list[_Server], content: bytes, turns: int) -> dict[str, li
             channel.close()
 
 
+def _measure_with_cpu(
+    servers: list[_Server], content: bytes, turns: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """`_measure`, and the CPU seconds each server process spent meanwhile."""
+    before = {server.name: server.cpu_seconds() for server in servers}
+    found = _measure(servers, content, turns)
+    return found, {s.name: s.cpu_seconds() - before[s.name] for s in servers}
+
+
 def _report(servers: list[_Server], found: dict[str, list[float]], cpu: dict[str, float]) -> Any:
     first = statistics.median(found[servers[0].name])
     figures = {}
@@ -159,6 +167,9 @@ def main() -> int:
         raise SystemExit("variant names must differ")
     if args.load is not None and args.load not in names:
         raise SystemExit(f"--load {args.load!r} is not one of the variants {names}")
+    if args.load is not None and len(names) + args.floor < 2:
+        # The effect is the loaded server's change minus the others': it needs another one.
+        raise SystemExit("--load needs another variant or --floor to compare with")
     turns = 8 if args.quick else 100
 
     from imagemesh.config import load_settings
@@ -209,9 +220,7 @@ def main() -> int:
             for server in servers:
                 if server.worker is None:
                     _wait_serving(server.address, server.proc)
-            cpu_before = {server.name: server.cpu_seconds() for server in servers}
-            found = _measure(servers, contents[0], turns)
-            cpu = {s.name: s.cpu_seconds() - cpu_before[s.name] for s in servers}
+            found, cpu = _measure_with_cpu(servers, contents[0], turns)
             result: dict[str, Any] = {
                 "bench": "inference_paired",
                 "quick": args.quick,
@@ -224,9 +233,7 @@ def main() -> int:
                 seconds = 1.0 if args.quick else 3.0
                 print(f"loading {loaded.name}: 32 unary clients, {seconds} s", file=sys.stderr)
                 asyncio.run(_concurrent(loaded.address, contents, seconds, stream=False))
-                cpu_before = {server.name: server.cpu_seconds() for server in servers}
-                again = _measure(servers, contents[0], turns)
-                cpu = {s.name: s.cpu_seconds() - cpu_before[s.name] for s in servers}
+                again, cpu = _measure_with_cpu(servers, contents[0], turns)
                 after = _report(servers, again, cpu)
                 others = [s.name for s in servers if s.name != loaded.name]
 
