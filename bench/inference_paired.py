@@ -6,9 +6,10 @@
 On this shared two-core machine, the same batch-1 p50 moves by ~0.4 ms from one run of
 `bench.inference` to the next, more than the changes worth measuring. Here every variant runs
 at once, each in its own `imagemesh serve inference` process (its settings given as
-`IMAGEMESH_*` environment variables), and one client calls them in turns of 10, in alternating
-order, so that all of them see the same moments of the machine. `--floor` adds the bare
-grpc.aio server of `bench.inference` (no interceptor, no batching, an already decoded image).
+environment variables: `IMAGEMESH_*` settings, or TensorFlow's and the C library's own), and
+one client calls them in turns of 10, in alternating order, so that all of them see the same
+moments of the machine. `--floor` adds the bare grpc.aio server of `bench.inference` (no
+interceptor, no batching, an already decoded image).
 Reported per variant: p50 and p99, the p50 difference with the first variant, and the CPU each
 server process spent per call.
 
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _TURN = 10  # calls to one server before the client moves to the next
 _FLOOR = "floor"
 
@@ -75,13 +78,13 @@ class _Server:
 
 
 def _parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}); keys are IMAGEMESH_* variables."""
+    """`NAME:KEY=VALUE,KEY=VALUE` -> (NAME, {KEY: VALUE}); keys are environment variables."""
     name, _, settings = text.partition(":")
     env: dict[str, str] = {}
     for pair in filter(None, settings.split(",")):
         key, sep, value = pair.partition("=")
-        if not sep or not key.startswith("IMAGEMESH_"):
-            raise SystemExit(f"--variant {text!r}: expected NAME:IMAGEMESH_KEY=VALUE,...")
+        if not sep or not _ENV_NAME.fullmatch(key):
+            raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE,...")
         env[key] = value
     if not name or name == _FLOOR:
         raise SystemExit(f"--variant {text!r}: a variant needs a name other than {_FLOOR!r}")

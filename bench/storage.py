@@ -11,6 +11,11 @@ server, in one run.
 3. Memory: the peak RSS of a fresh storage-service process, above its idle RSS, while one
    client uploads a 1 GiB PNG (16384x8192 RGBA, 16 bits per channel), sampled with psutil
    every 10 ms. `rss_mib_above_idle_1gib_upload` (goal < 100).
+4. CPU: every phase of 1 and 2 measures the CPU seconds of MinIO, the service and this client
+   (`cpu_ms_per_unit`, per MB or per image, and `cores_busy`), and from them the most each ratio
+   could reach with every core busy (`max_ratio_*`, see `cpu_bounds`): a goal above
+   `max_ratio_sdk_only_service_*` is out of reach of any service that stores through the
+   `minio` SDK on this machine.
 
 The service runs in its own process (`imagemesh serve storage`), as deployed, on a fresh
 bucket; MinIO is started with deploy/local/engines.sh if it is not running. Progress goes to
@@ -46,6 +51,8 @@ from minio.deleteobjects import DeleteObject
 from PIL import Image
 from rich.console import Console
 
+from bench.cpu_meter import CpuMeter, process_listening_on
+from imagemesh.cores import usable_cores
 from imagemesh.ports import free_loopback_port
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
 
@@ -325,7 +332,7 @@ def upload_request_stream(
 
 
 def bench_large(
-    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str
+    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str, meter: CpuMeter
 ) -> dict[str, float]:
     images = [large_png(1000 + i) for i in range(LARGE_COUNT + 1)]
     total_mb = LARGE_COUNT * len(images[0]) / 1e6
@@ -359,19 +366,22 @@ def bench_large(
     service_get(warm)
     raw_put(LARGE_COUNT)
     raw_get(LARGE_COUNT)
-    started = time.perf_counter()
-    for i in range(LARGE_COUNT):
-        raw_put(i)
-    raw_up = total_mb / (time.perf_counter() - started)
-    started = time.perf_counter()
-    names = [service_put(i) for i in range(LARGE_COUNT)]
-    service_up = total_mb / (time.perf_counter() - started)
-    started = time.perf_counter()
-    assert sum(raw_get(i) for i in range(LARGE_COUNT)) == sum(len(d) for d in images[:-1])
-    raw_down = total_mb / (time.perf_counter() - started)
-    started = time.perf_counter()
-    assert sum(service_get(n) for n in names) == sum(len(d) for d in images[:-1])
-    service_down = total_mb / (time.perf_counter() - started)
+    with meter.phase("raw_upload_large"):
+        for i in range(LARGE_COUNT):
+            raw_put(i)
+    with meter.phase("service_upload_large"):
+        names = [service_put(i) for i in range(LARGE_COUNT)]
+    with meter.phase("raw_download_large"):
+        got = sum(raw_get(i) for i in range(LARGE_COUNT))
+    assert got == sum(len(d) for d in images[:-1])
+    with meter.phase("service_download_large"):
+        got = sum(service_get(n) for n in names)
+    assert got == sum(len(d) for d in images[:-1])
+    raw_up, service_up, raw_down, service_down = (
+        total_mb / meter.phases[f"{side}_{kind}_large"].wall_s
+        for kind in ("upload", "download")
+        for side in ("raw", "service")
+    )
     console.print(
         f"large: upload service {service_up:.0f} MB/s vs raw {raw_up:.0f} MB/s; "
         f"download service {service_down:.0f} MB/s vs raw {raw_down:.0f} MB/s"
@@ -387,15 +397,15 @@ def bench_large(
 
 
 def bench_small(
-    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str, count: int
+    stub: storage_pb2_grpc.StorageServiceStub, raw: Minio, bucket: str, count: int, meter: CpuMeter
 ) -> dict[str, float]:
     # Distinct images for each side, so neither sees duplicates.
     raw_images = [small_png(i) for i in range(count)]
     service_images = [small_png(1_000_000 + i) for i in range(count)]
-    started = time.perf_counter()
-    for i, data in enumerate(raw_images):
-        raw.put_object(bucket, f"raw/small/{i}.png", io.BytesIO(data), len(data), "image/png")
-    raw_rate = count / (time.perf_counter() - started)
+    with meter.phase("raw_bulk_small"):
+        for i, data in enumerate(raw_images):
+            raw.put_object(bucket, f"raw/small/{i}.png", io.BytesIO(data), len(data), "image/png")
+    raw_rate = count / meter.phases["raw_bulk_small"].wall_s
 
     def requests() -> Iterator[storage_pb2.BulkUploadImagesRequest]:
         for i, data in enumerate(service_images):
@@ -407,12 +417,12 @@ def bench_small(
                 content=data,
             )
 
-    started = time.perf_counter()
-    stored = sum(
-        ack.outcome == storage_pb2.UPLOAD_OUTCOME_STORED
-        for ack in stub.BulkUploadImages(requests())
-    )
-    service_rate = count / (time.perf_counter() - started)
+    with meter.phase("service_bulk_small"):
+        stored = sum(
+            ack.outcome == storage_pb2.UPLOAD_OUTCOME_STORED
+            for ack in stub.BulkUploadImages(requests())
+        )
+    service_rate = count / meter.phases["service_bulk_small"].wall_s
     if stored != count:
         raise SystemExit(f"bulk upload stored {stored} of {count} images")
     console.print(
@@ -425,6 +435,52 @@ def bench_small(
         "raw_small_images_per_s": round(raw_rate, 1),
         "ratio_bulk_small": round(service_rate / raw_rate, 3),
     }
+
+
+def cpu_bounds(meter: CpuMeter, results: dict[str, Any], small_count: int) -> dict[str, Any]:
+    """What the measured CPU costs allow: each phase's CPU per unit (MB or image) by process,
+    and for each ratio the most it could reach with every core busy at those costs.
+
+    `max_ratio_at_full_cpu_*`: the service's path at its measured CPU per unit (store, service
+    and client together), all cores busy, against the raw rate measured. `..._free_service_*`:
+    the same if the service itself cost no CPU at all (the store's and the client's CPU alone):
+    a goal above it cannot be met by any service that makes the same store calls.
+    `..._sdk_only_service_*`: the same if the service cost only what the raw client spends
+    (the `minio` SDK's own work for those calls): the most a service built on that SDK can do.
+    """
+    cores = usable_cores()
+    large_mb = LARGE_COUNT * LARGE_BYTES / 1e6
+    units = {"upload_large": large_mb, "download_large": large_mb, "bulk_small": small_count}
+    raw_rates = {
+        "upload_large": results["raw_upload_large_mb_per_s"],
+        "download_large": results["raw_download_large_mb_per_s"],
+        "bulk_small": results["raw_small_images_per_s"],
+    }
+    figures: dict[str, Any] = {"cores": cores, "cpu_ms_per_unit": {}, "cores_busy": {}}
+    for kind, count in units.items():
+        for side in ("raw", "service"):
+            phase = meter.phases[f"{side}_{kind}"]
+            figures["cpu_ms_per_unit"][f"{side}_{kind}"] = phase.per_unit_ms(count)
+            figures["cores_busy"][f"{side}_{kind}"] = phase.cores_busy
+        service = meter.phases[f"service_{kind}"]
+        per_unit = service.total_cpu_s / count
+        others = (service.total_cpu_s - service.cpu_s.get("service", 0.0)) / count
+        figures[f"max_ratio_at_full_cpu_{kind}"] = round(cores / per_unit / raw_rates[kind], 3)
+        figures[f"max_ratio_free_service_{kind}"] = round(cores / others / raw_rates[kind], 3)
+        # The service's own CPU replaced by what the raw client spends per unit: a service
+        # that did nothing but make the same SDK calls as the raw client.
+        sdk = meter.phases[f"raw_{kind}"].cpu_s.get("client", 0.0) / count
+        figures[f"max_ratio_sdk_only_service_{kind}"] = round(
+            cores / (others + sdk) / raw_rates[kind], 3
+        )
+    line = ", ".join(
+        f"{kind} {figures[f'max_ratio_at_full_cpu_{kind}']:.2f} "
+        f"(SDK-only service {figures[f'max_ratio_sdk_only_service_{kind}']:.2f}, "
+        f"free service {figures[f'max_ratio_free_service_{kind}']:.2f})"
+        for kind in units
+    )
+    console.print(f"most each ratio could reach at the measured CPU costs: {line}")
+    return figures
 
 
 def bench_rss(bucket: str, state_dir: Path, size_gib: float) -> dict[str, float]:
@@ -525,16 +581,24 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="imagemesh-bench-storage-") as state:
             service = ServiceProcess(bucket, Path(state) / "a")
             try:
+                meter = CpuMeter(
+                    {
+                        "minio": process_listening_on(int(ENDPOINT.rsplit(":", 1)[1])),
+                        "service": psutil.Process(service.proc.pid),
+                        "client": psutil.Process(),
+                    }
+                )
                 with service.channel() as channel:
                     stub = storage_pb2_grpc.StorageServiceStub(channel)
-                    results.update(bench_large(stub, raw, bucket))
+                    results.update(bench_large(stub, raw, bucket, meter))
                     results.update(
                         bench_ceiling(
                             results["raw_upload_large_mb_per_s"],
                             results["raw_download_large_mb_per_s"],
                         )
                     )
-                    results.update(bench_small(stub, raw, bucket, small_count))
+                    results.update(bench_small(stub, raw, bucket, small_count, meter))
+                results.update(cpu_bounds(meter, results, small_count))
             finally:
                 service.stop()
             results.update(bench_rss(bucket, Path(state) / "b", 1.0))
