@@ -387,6 +387,7 @@ def bench_large(
         f"download service {service_down:.0f} MB/s vs raw {raw_down:.0f} MB/s"
     )
     return {
+        "large_total_mb": round(total_mb, 3),
         "upload_large_mb_per_s": round(service_up, 1),
         "raw_upload_large_mb_per_s": round(raw_up, 1),
         "download_large_mb_per_s": round(service_down, 1),
@@ -449,7 +450,7 @@ def cpu_bounds(meter: CpuMeter, results: dict[str, Any], small_count: int) -> di
     (the `minio` SDK's own work for those calls): the most a service built on that SDK can do.
     """
     cores = usable_cores()
-    large_mb = LARGE_COUNT * LARGE_BYTES / 1e6
+    large_mb = results["large_total_mb"]
     units = {"upload_large": large_mb, "download_large": large_mb, "bulk_small": small_count}
     raw_rates = {
         "upload_large": results["raw_upload_large_mb_per_s"],
