@@ -153,8 +153,9 @@ def _in_process_rate(run: Any, many: np.ndarray, seconds: float, calls_at_once: 
 def _load_in_worker(spec: dict[str, Any], batch: int) -> tuple[Any, np.ndarray, np.ndarray]:
     """In a helper process: TensorFlow sized to the spec's threads (before its runtime
     starts), then `_prepare_in_process` on the spec's store, model and image."""
-    from inference_service.runtime import configure_threads
+    from inference_service.runtime import configure_onednn, configure_threads
 
+    configure_onednn(spec["onednn"])
     configure_threads(spec["intra"], spec["inter"])
     from imagemesh.config import load_settings
     from storage_service.backends import open_object_store
@@ -395,6 +396,11 @@ def main() -> int:
     from inference_service.runtime import default_threads, model_instances
 
     defaults = InferenceSettings()
+    # The service's oneDNN switch (IMAGEMESH_INFERENCE__ONEDNN if set): the in-process
+    # baselines use the same, so that only the serving differs.
+    from imagemesh.config import load_settings
+
+    onednn = load_settings().inference.onednn
     max_batch = args.max_batch_size or defaults.max_batch_size
     delay_ms = (
         defaults.max_queue_delay_ms if args.max_queue_delay_ms is None else args.max_queue_delay_ms
@@ -405,7 +411,6 @@ def main() -> int:
     service_threads = default_threads(instances)
     single_threads = default_threads(1)
 
-    from imagemesh.config import load_settings
     from storage_service.backends import open_object_store
     from trainer.datasets import generate_images, to_png
 
@@ -419,6 +424,7 @@ def main() -> int:
             IMAGEMESH_INFERENCE__MAX_BATCH_SIZE=str(max_batch),
             IMAGEMESH_INFERENCE__MAX_QUEUE_DELAY_MS=str(delay_ms),
             IMAGEMESH_INFERENCE__MODEL_INSTANCES=str(instances),
+            IMAGEMESH_INFERENCE__ONEDNN=str(onednn).lower(),
         )
         root = Path(data) / "imagemesh" / "objects"
         settings = load_settings(storage={"local_root": root})
@@ -446,7 +452,12 @@ def main() -> int:
         workers: list[InProcessWorker] = []
         try:
             # Loaded while the service starts (all load the same artifact); measured after.
-            spec = {"root": str(root), "model": metadata.name, "image": str(image)}
+            spec = {
+                "root": str(root),
+                "model": metadata.name,
+                "image": str(image),
+                "onednn": onednn,
+            }
             single = InProcessWorker(
                 **spec,
                 intra=single_threads[0],
@@ -546,6 +557,7 @@ def main() -> int:
         "max_queue_delay_ms": delay_ms,
         "instances": instances,
         "service_tf_threads": list(service_threads),
+        "onednn": onednn,
         "single_call_tf_threads": list(single_threads),
         "clients": CLIENTS,
         "rounds": rounds,

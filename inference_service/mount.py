@@ -42,7 +42,7 @@ def mount(ctx: MeshContext) -> ServiceMount:
 
         from .model.registry import ModelRegistry
         from .remote import LazyChannel, SearchPredictions, StorageImages
-        from .runtime import compile_model, configure_threads, model_instances
+        from .runtime import compile_model, configure_onednn, configure_threads, model_instances
         from .service import InferenceDomain
         from .serving import ModelManager
 
@@ -52,6 +52,12 @@ def mount(ctx: MeshContext) -> ServiceMount:
         # The model's threads: a lone caller's batches stay on the thread that ran the last one.
         compute = HotThreadPool(instances, thread_name_prefix="imagemesh-model")
         decode = ThreadPoolExecutor(2, thread_name_prefix="imagemesh-decode")
+
+        def prepare() -> None:
+            # Both before TensorFlow starts (loading the first model starts it).
+            configure_onednn(inference.onednn)
+            configure_threads(inference.intra_op_threads, inference.inter_op_threads, instances)
+
         manager = ModelManager(
             ModelRegistry(open_object_store(settings.storage)),
             BatcherConfig(
@@ -63,9 +69,7 @@ def mount(ctx: MeshContext) -> ServiceMount:
             compute,
             compile_model,
             model=inference.model,
-            prepare=lambda: configure_threads(
-                inference.intra_op_threads, inference.inter_op_threads, instances
-            ),
+            prepare=prepare,
         )
         storage = LazyChannel(lambda: ctx.address_of("storage"), settings)
         search = LazyChannel(lambda: ctx.address_of("search"), settings)

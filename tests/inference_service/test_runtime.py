@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,3 +41,45 @@ def test_the_compiled_model_agrees_with_keras_at_every_batch_size_and_traces_onc
         np.testing.assert_allclose(run(pixels[:size]), expected, atol=1e-5)
     # One trace serves every batch size (a retrace costs seconds at the first call).
     assert run._function.experimental_get_tracing_count() == 1
+
+
+_ONEDNN_PROBE = """
+import sys
+from inference_service.runtime import configure_onednn
+print(configure_onednn(sys.argv[1] == "on"))
+from tensorflow.python.util import _pywrap_util_port
+print(_pywrap_util_port.IsMklEnabled())
+"""
+
+
+@pytest.mark.parametrize("wanted", ["on", "off"])
+def test_the_onednn_switch_applies_when_set_before_tensorflow_starts(wanted: str) -> None:
+    # A fresh process: this one started TensorFlow long ago.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run(
+        [sys.executable, "-c", _ONEDNN_PROBE, wanted],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    expected = str(wanted == "on")
+    assert done.stdout.split() == [expected, expected]
+
+
+def test_the_onednn_switch_says_what_applies_once_tensorflow_started(
+    tiny_models: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tensorflow.python.util import _pywrap_util_port
+
+    active = bool(_pywrap_util_port.IsMklEnabled())  # TensorFlow runs (tiny_models built)
+    with caplog.at_level("WARNING", logger=runtime.__name__):
+        assert runtime.configure_onednn(not active) is active
+    assert "TensorFlow already started with oneDNN" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=runtime.__name__):
+        assert runtime.configure_onednn(active) is active
+    assert caplog.text == ""
