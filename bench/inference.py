@@ -25,8 +25,9 @@ for the idle time between calls (the model's memory leaves the CPU caches meanwh
 
 The in-process calls run in helper processes (`--in-process-worker`), one per TensorFlow
 thread configuration, since a process sizes its thread pools once; the latency baseline uses
-the service's own configuration. The clients run in this process, on the same two cores as the
-server: their CPU is part of what the ratios pay. The last stdout line is one JSON object.
+the service's own configuration (threads, and the oneDNN switch). The clients run in this
+process, on the same two cores as the server: their CPU is part of what the ratios pay. The
+last stdout line is one JSON object.
 """
 
 from __future__ import annotations

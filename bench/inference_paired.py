@@ -175,7 +175,7 @@ def main() -> int:
         raise SystemExit("--load needs another variant or --floor to compare with")
     turns = 8 if args.quick else 100
 
-    from imagemesh.config import InferenceSettings, load_settings
+    from imagemesh.config import load_settings
     from inference_service.runtime import default_threads, model_instances
     from storage_service.backends import open_object_store
     from trainer.datasets import generate_images, to_png
@@ -214,7 +214,7 @@ def main() -> int:
                     root=str(root),
                     model=metadata.name,
                     image=str(image),
-                    onednn=InferenceSettings().onednn,
+                    onednn=load_settings().inference.onednn,
                     intra=intra,
                     inter=inter,
                     port=port,

@@ -263,8 +263,9 @@ class InferenceSettings(_Section):
     # inter = the instances (inter 1 would run the instances' batches one at a time).
     intra_op_threads: int = Field(default=0, ge=0)
     inter_op_threads: int = Field(default=0, ge=0)
-    # TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS). Off: on the 32x32 model here a
-    # batch of one took ~1.2-1.4 ms less without them and batches ran 3-12 % faster; see
+    # TensorFlow's oneDNN kernels; the service sets TF_ENABLE_ONEDNN_OPTS from this (whatever
+    # the environment says). Off: on the 32x32 model here a batch of one took 1.2-1.7 ms less
+    # without them and batches ran 3-12 % faster; see
     # inference_service.runtime.configure_onednn for the measurement.
     onednn: bool = False
     # Guards on a Classify image: encoded bytes, and decoded pixels (width x height; above it
