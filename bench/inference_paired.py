@@ -61,10 +61,6 @@ class _Server:
     proc: subprocess.Popen[Any]
     worker: InProcessWorker | None = None
 
-    def cpu_seconds(self) -> float:
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
-
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.close()
@@ -122,9 +118,12 @@ def _measure_with_cpu(
     servers: list[_Server], content: bytes, turns: int
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """`_measure`, and the CPU seconds each server process spent meanwhile."""
-    before = {server.name: server.cpu_seconds() for server in servers}
-    found = _measure(servers, content, turns)
-    return found, {s.name: s.cpu_seconds() - before[s.name] for s in servers}
+    from bench.cpu_meter import CpuMeter  # after `main` made `bench` importable
+
+    meter = CpuMeter({server.name: psutil.Process(server.proc.pid) for server in servers})
+    with meter.phase("calls"):
+        found = _measure(servers, content, turns)
+    return found, meter.phases["calls"].cpu_s
 
 
 def _report(servers: list[_Server], found: dict[str, list[float]], cpu: dict[str, float]) -> Any:

@@ -40,7 +40,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -51,10 +51,12 @@ from minio.deleteobjects import DeleteObject
 from PIL import Image
 from rich.console import Console
 
-from bench.cpu_meter import CpuMeter, process_listening_on
 from imagemesh.cores import usable_cores
 from imagemesh.ports import free_loopback_port
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+
+if TYPE_CHECKING:
+    from bench.cpu_meter import CpuMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = "127.0.0.1:9000"
@@ -571,6 +573,10 @@ def main() -> int:
     if args.bare_server:
         _serve_bare(args.bare_server)
         return 0
+    if not __package__:  # run as a script (`make bench`): the repository holds `bench`
+        sys.path.insert(0, str(ROOT))
+    from bench.cpu_meter import CpuMeter, process_listening_on
+
     small_count = args.small or (1000 if args.quick else 10_000)
     _ensure_minio()
     raw = Minio(ENDPOINT, ACCESS_KEY, SECRET_KEY, secure=False)
