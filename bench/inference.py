@@ -15,13 +15,19 @@ Publishes an untrained 32x32 DenseNet121 (5 classes) to a temporary local-folder
   has model instances, on the service's threads (a baseline that already has what instances
   add): `ratio_concurrent_unary_vs_instances`, `ratio_concurrent_stream_vs_instances`;
 - the service's RSS after 100,000 classifications against after 1,000: `rss_growth_pct`
-  (goal < 5 %; `--quick` compares 1,000 with 6,000 and says so in `rss_calls`).
+  (goal < 5 %; `--quick` compares 1,000 with 4,000 and says so in `rss_calls`).
 
-For scale, the same latency is measured through a bare gRPC server (`--grpc-floor-worker`):
-grpc.aio, no interceptor, no decoding, no batching, each call running the same compiled model
-on a thread on an already decoded image. Its overhead, `grpc_floor_p50_overhead_ms`, is what
-this machine charges any Python gRPC server for a request, a thread hop and an answer, and
-for the idle time between calls (the model's memory leaves the CPU caches meanwhile).
+For scale, the same latency is measured through two bare gRPC servers (`--grpc-floor-worker`),
+with no interceptor, no decoding and no batching, each call running the same compiled model on
+an already decoded image:
+- grpc.aio, the model on a thread (the service's transport): `grpc_floor_p50_overhead_ms`, what
+  this machine charges a Python gRPC server for a request, a thread hop and an answer, and for
+  the idle time between calls (the model's memory leaves the CPU caches meanwhile);
+- the synchronous grpc server, the model run on the handler's own thread (no hop at all, the
+  cheapest path Python's grpc offers): `grpc_sync_floor_p50_overhead_ms`.
+Two in-process workers making the same batch-1 call are also timed against each other:
+`in_process_spread_p50_ms` is how far apart two processes doing the same thing are (each
+overhead above compares two processes, so it carries that spread).
 
 The in-process calls run in helper processes (`--in-process-worker`), one per TensorFlow
 thread configuration, since a process sizes its thread pools once; the latency baseline uses
@@ -186,8 +192,11 @@ def _worker_main(spec: dict[str, Any]) -> int:
 
 
 def _floor_main(spec: dict[str, Any]) -> int:
-    """`--grpc-floor-worker`: a bare grpc.aio InferenceService on `spec["port"]` whose Classify
-    runs the model on a thread on one already decoded image; serves until stdin closes."""
+    """`--grpc-floor-worker`: two bare InferenceServices whose Classify runs the model on one
+    already decoded image, serving until stdin closes: grpc.aio on `spec["port"]`, the model on
+    a thread (the service's transport), and, if `spec["sync_port"]` is given, grpc's
+    synchronous server there, the model on the handler's own thread. One process serves both:
+    a process of its own would cost `--quick` seconds it does not have (TensorFlow's start)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
@@ -197,13 +206,26 @@ def _floor_main(spec: dict[str, Any]) -> int:
     run, one, _ = _load_in_worker(spec, 1)
     pool = ThreadPoolExecutor(spec["inter"])
 
+    def reply_for(output: np.ndarray) -> Any:
+        best = int(np.argmax(output[0]))
+        reply = inference_pb2.ClassifyResponse(model_version=spec["model"])
+        reply.top_classes.add(class_index=best, probability=float(output[0][best]))
+        return reply
+
+    class Inline(inference_pb2_grpc.InferenceServiceServicer):
+        def Classify(self, request: Any, context: Any) -> Any:
+            return reply_for(run(one))
+
     class Bare(inference_pb2_grpc.InferenceServiceServicer):
         async def Classify(self, request: Any, context: Any) -> Any:
-            output = await asyncio.get_running_loop().run_in_executor(pool, run, one)
-            best = int(np.argmax(output[0]))
-            reply = inference_pb2.ClassifyResponse(model_version=spec["model"])
-            reply.top_classes.add(class_index=best, probability=float(output[0][best]))
-            return reply
+            return reply_for(await asyncio.get_running_loop().run_in_executor(pool, run, one))
+
+    sync_server = None
+    if spec.get("sync_port"):
+        sync_server = grpc.server(ThreadPoolExecutor(spec["inter"]))
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(Inline(), sync_server)
+        sync_server.add_insecure_port(f"127.0.0.1:{spec['sync_port']}")
+        sync_server.start()
 
     async def serve() -> None:
         server = grpc.aio.server()
@@ -215,6 +237,8 @@ def _floor_main(spec: dict[str, Any]) -> int:
         await server.stop(None)
 
     asyncio.run(serve())
+    if sync_server is not None:
+        sync_server.stop(None)
     pool.shutdown()
     return 0
 
@@ -444,8 +468,10 @@ def main() -> int:
         )
         latency_in: list[float] = []
         latency_svc: list[float] = []
-        floor_in: list[float] = []
-        floor_served: list[float] = []
+        floor_in: dict[str, list[float]] = {"aio": [], "sync": []}
+        floor_served: dict[str, list[float]] = {"aio": [], "sync": []}
+        spread_a: list[float] = []
+        spread_b: list[float] = []
         raw: list[float] = []
         raw_instances: list[float] = []
         rates: dict[str, list[float]] = {"unary": [], "stream": []}
@@ -475,15 +501,27 @@ def main() -> int:
                 calls_at_once=instances,
             )
             workers.append(same)
-            floor_port = free_loopback_port()
-            floor_address = f"127.0.0.1:{floor_port}"
+            # A second process making `same`'s batch-1 call, for the spread between two
+            # processes doing the same thing (warmed up for batch-1 calls only: `--quick` has
+            # no time for more).
+            twin = InProcessWorker(
+                **spec,
+                intra=service_threads[0],
+                inter=service_threads[1],
+                batch=1,
+                calls_at_once=1,
+            )
+            workers.append(twin)
+            floor_ports = {"aio": free_loopback_port(), "sync": free_loopback_port()}
+            floor_addresses = {name: f"127.0.0.1:{port}" for name, port in floor_ports.items()}
             workers.append(
                 InProcessWorker(
                     "--grpc-floor-worker",
                     **spec,
                     intra=service_threads[0],
                     inter=service_threads[1],
-                    port=floor_port,
+                    port=floor_ports["aio"],
+                    sync_port=floor_ports["sync"],
                 )
             )
             for worker in workers:
@@ -493,9 +531,15 @@ def main() -> int:
                 own, served = _latencies(address, contents[0], latency_calls, same)
                 latency_in += own
                 latency_svc += served
-                own, served = _latencies(floor_address, contents[0], latency_calls // 2, same)
-                floor_in += own
-                floor_served += served
+                for transport, address_of_floor in floor_addresses.items():
+                    own, served = _latencies(
+                        address_of_floor, contents[0], latency_calls // 2, same
+                    )
+                    floor_in[transport] += own
+                    floor_served[transport] += served
+                for _ in range(latency_calls // 2 // _TURN):
+                    spread_a += same.latency(_TURN)
+                    spread_b += twin.latency(_TURN)
                 raw.append(single.rate(seconds))
                 raw_instances.append(same.rate(seconds))
                 for kind in ("unary", "stream"):
@@ -532,7 +576,10 @@ def main() -> int:
             server.wait(timeout=60)
     in50, in99 = _percentiles(latency_in)
     svc50, svc99 = _percentiles(latency_svc)
-    floor_overhead = _percentiles(floor_served)[0] - _percentiles(floor_in)[0]
+    floor_overhead = {
+        transport: _percentiles(floor_served[transport])[0] - _percentiles(floor_in[transport])[0]
+        for transport in floor_served
+    }
     result = {
         "bench": "inference",
         "quick": quick,
@@ -543,7 +590,11 @@ def main() -> int:
         "rss_growth_pct": round((rss_end - rss_start) / rss_start * 100, 2),
         "ratio_concurrent_unary_vs_instances": _median_ratio(rates["unary"], raw_instances),
         "ratio_concurrent_stream_vs_instances": _median_ratio(rates["stream"], raw_instances),
-        "grpc_floor_p50_overhead_ms": round(floor_overhead, 3),
+        "grpc_floor_p50_overhead_ms": round(floor_overhead["aio"], 3),
+        "grpc_sync_floor_p50_overhead_ms": round(floor_overhead["sync"], 3),
+        "in_process_spread_p50_ms": round(
+            abs(_percentiles(spread_a)[0] - _percentiles(spread_b)[0]), 3
+        ),
         "classify_p50_ms": round(svc50, 3),
         "classify_p99_ms": round(svc99, 3),
         "in_process_p50_ms": round(in50, 3),
