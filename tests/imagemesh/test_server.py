@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from imagemesh.config import Settings
 from imagemesh.interceptors import REQUEST_ID_KEY
@@ -161,5 +164,50 @@ async def test_message_size_limit_is_the_configured_one(embedded_settings: Setti
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GetImage(big)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await server.stop(grace=0)
+
+
+def _rpc_count(method: str, code: str) -> float:
+    value = REGISTRY.get_sample_value("imagemesh_rpc_total", {"method": method, "code": code})
+    return value or 0.0
+
+
+async def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Waits for what the server writes after its answer (on its loop's next turn)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "never written"
+        await asyncio.sleep(0.01)
+
+
+async def test_each_call_is_counted_and_logged_after_its_answer(
+    embedded_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    embedded_settings.server.access_log = True
+    caplog.set_level(logging.INFO, logger="imagemesh.access")
+    server, port = create_server(embedded_settings, [], port=0)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+            stub = health_pb2_grpc.HealthStub(chan)
+            check = "/grpc.health.v1.Health/Check"
+            ok, not_found = _rpc_count(check, "OK"), _rpc_count(check, "NOT_FOUND")
+            await stub.Check(health_pb2.HealthCheckRequest(), metadata=((REQUEST_ID_KEY, "l1"),))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Check(
+                    health_pb2.HealthCheckRequest(service="nope"),
+                    metadata=((REQUEST_ID_KEY, "l2"),),
+                )
+            await _eventually(lambda: _rpc_count(check, "NOT_FOUND") == not_found + 1)
+            assert _rpc_count(check, "OK") == ok + 1
+            lines = {
+                record.getMessage().split("request_id=")[1].split()[0]: record.getMessage()
+                for record in caplog.records
+                if record.name == "imagemesh.access"
+            }
+            assert f"method={check} code=OK duration_ms=" in lines["l1"]
+            assert "code=NOT_FOUND" in lines["l2"]
+            assert "peer=ipv4:127.0.0.1:" in lines["l1"]
     finally:
         await server.stop(grace=0)
