@@ -201,9 +201,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         elapsed = time.perf_counter() - start
         code = _code_of(context, error)
         peer = context.peer() if self._access_log else ""
-        asyncio.get_running_loop().call_soon(
-            self._record, method, total, seconds, request_id, code, peer, elapsed
-        )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream's handler finalised outside the loop: write it now
+            self._record(method, total, seconds, request_id, code, peer, elapsed)
+            return
+        loop.call_soon(self._record, method, total, seconds, request_id, code, peer, elapsed)
 
     def _record(
         self,

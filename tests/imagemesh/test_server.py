@@ -13,7 +13,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from imagemesh.config import Settings
-from imagemesh.interceptors import REQUEST_ID_KEY
+from imagemesh.interceptors import (
+    _RPC_SECONDS,
+    _RPC_TOTAL,
+    REQUEST_ID_KEY,
+    ObservabilityInterceptor,
+)
 from imagemesh.server import MeshServer, ServiceMount, create_server
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
 
@@ -211,3 +216,30 @@ async def test_each_call_is_counted_and_logged_after_its_answer(
             assert "peer=ipv4:127.0.0.1:" in lines["l1"]
     finally:
         await server.stop(grace=0)
+
+
+class _FinishedCallContext:
+    """Stand-in for a servicer context (named so): the case below, a stream's handler finalised
+    after its event loop stopped, cannot be caused through a real server on purpose."""
+
+    def code(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_a_call_ending_outside_the_event_loop_is_still_counted() -> None:
+    method = "/imagemesh.test.v1.Test/Finalised"
+    before = _rpc_count(method, "OK")
+    interceptor = ObservabilityInterceptor(access_log=False)
+    interceptor._record_soon(  # no running loop here: written at once
+        method,
+        _RPC_TOTAL,
+        _RPC_SECONDS.labels(method),
+        "r1",
+        _FinishedCallContext(),  # type: ignore[arg-type]
+        None,
+        0.0,
+    )
+    assert _rpc_count(method, "OK") == before + 1
