@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -21,6 +20,7 @@ from imagemesh.interceptors import (
 )
 from imagemesh.server import MeshServer, ServiceMount, create_server
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+from tests.fixtures.served_search import eventually
 
 SERVICES = [
     "imagemesh.storage.v1.StorageService",
@@ -178,14 +178,6 @@ def _rpc_count(method: str, code: str) -> float:
     return value or 0.0
 
 
-async def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Waits for what the server writes after its answer (on its loop's next turn)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "never written"
-        await asyncio.sleep(0.01)
-
-
 async def test_each_call_is_counted_and_logged_after_its_answer(
     embedded_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -204,7 +196,8 @@ async def test_each_call_is_counted_and_logged_after_its_answer(
                     health_pb2.HealthCheckRequest(service="nope"),
                     metadata=((REQUEST_ID_KEY, "l2"),),
                 )
-            await _eventually(lambda: _rpc_count(check, "NOT_FOUND") == not_found + 1)
+            # Written on the server loop's next turn, after the answer.
+            await eventually(lambda: _rpc_count(check, "NOT_FOUND") == not_found + 1, 5.0)
             assert _rpc_count(check, "OK") == ok + 1
             lines = {
                 record.getMessage().split("request_id=")[1].split()[0]: record.getMessage()
