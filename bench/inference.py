@@ -25,6 +25,13 @@ an already decoded image:
   the idle time between calls (the model's memory leaves the CPU caches meanwhile);
 - the synchronous grpc server, the model run on the handler's own thread (no hop at all, the
   cheapest path Python's grpc offers): `grpc_sync_floor_p50_overhead_ms`.
+The same two servers answer a request with no image at once, without the model: the p50 of that
+round trip is what the transport alone costs a call (`grpc_noop_round_trip_p50_ms`,
+`grpc_sync_noop_round_trip_p50_ms`). And the model's own call is timed again after the thread
+slept `_IDLE_GAP_MS` (what a lone caller's model sees between calls: the round trip and the
+decoding), in turns with back-to-back calls: `in_process_idle_penalty_p50_ms` is how much slower
+the model is then, a part of every served call's overhead that no server can avoid.
+These figures for scale take two more TensorFlow processes: `--quick` leaves them out (null).
 Two in-process workers making the same batch-1 call are also timed against each other:
 `in_process_spread_p50_ms` is how far apart two processes doing the same thing are (each
 overhead above compares two processes, so it carries that spread).
@@ -62,6 +69,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CLIENTS = 32
 STREAM_WINDOW = 4  # requests each stream client keeps in flight
 _TURN = 10  # batch-1 calls in a row on each side when measuring latency
+# How long the model's thread sleeps before each call timed for `in_process_idle_penalty_p50_ms`:
+# about what a lone caller's call leaves it idle here (a round trip and a decode, 1-2 ms).
+_IDLE_GAP_MS = 1.5
+_SCALE_KEYS = (
+    "grpc_floor_p50_overhead_ms",
+    "grpc_sync_floor_p50_overhead_ms",
+    "grpc_noop_round_trip_p50_ms",
+    "grpc_sync_noop_round_trip_p50_ms",
+    "in_process_idle_penalty_p50_ms",
+    "in_process_spread_p50_ms",
+)
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -127,10 +145,13 @@ def publish_bench_model(store: Any) -> Any:
     )
 
 
-def _in_process_latency(run: Any, one: np.ndarray, calls: int) -> list[float]:
-    """Batch-1 latencies (ms) of the model's own compiled call."""
+def _in_process_latency(run: Any, one: np.ndarray, calls: int, idle_ms: float = 0.0) -> list[float]:
+    """Batch-1 latencies (ms) of the model's own compiled call, each after the thread slept
+    `idle_ms` (none: back to back)."""
     latencies = []
     for _ in range(calls):
+        if idle_ms:
+            time.sleep(idle_ms / 1000)
         t0 = time.perf_counter()
         run(one)
         latencies.append((time.perf_counter() - t0) * 1000)
@@ -174,7 +195,8 @@ def _load_in_worker(spec: dict[str, Any], batch: int) -> tuple[Any, np.ndarray, 
 
 def _worker_main(spec: dict[str, Any]) -> int:
     """`--in-process-worker`: the model in this process on the given TensorFlow threads,
-    measured on command (one line each, answered with one JSON line): `latency N`, `rate S`."""
+    measured on command (one line each, answered with one JSON line): `latency N`,
+    `idle_latency N` (each call after `_IDLE_GAP_MS` asleep), `rate S`."""
     run, one, many = _load_in_worker(spec, spec["batch"])
     if spec["calls_at_once"] > 1:  # concurrent calls warmed up too
         _in_process_rate(run, many, 0.5, spec["calls_at_once"])
@@ -183,6 +205,8 @@ def _worker_main(spec: dict[str, Any]) -> int:
         command, argument = line.split()
         if command == "latency":
             answer: Any = _in_process_latency(run, one, int(argument))
+        elif command == "idle_latency":
+            answer = _in_process_latency(run, one, int(argument), _IDLE_GAP_MS)
         elif command == "rate":
             answer = _in_process_rate(run, many, float(argument), spec["calls_at_once"])
         else:
@@ -195,8 +219,9 @@ def _floor_main(spec: dict[str, Any]) -> int:
     """`--grpc-floor-worker`: two bare InferenceServices whose Classify runs the model on one
     already decoded image, serving until stdin closes: grpc.aio on `spec["port"]`, the model on
     a thread (the service's transport), and, if `spec["sync_port"]` is given, grpc's
-    synchronous server there, the model on the handler's own thread. One process serves both:
-    a process of its own would cost `--quick` seconds it does not have (TensorFlow's start)."""
+    synchronous server there, the model on the handler's own thread. A request with no image
+    is answered at once, without the model (the transport's own round trip). One process
+    serves both: a process each would add another TensorFlow start to the run."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
@@ -212,12 +237,18 @@ def _floor_main(spec: dict[str, Any]) -> int:
         reply.top_classes.add(class_index=best, probability=float(output[0][best]))
         return reply
 
+    no_model = np.ones((1, 1), dtype=np.float32)
+
     class Inline(inference_pb2_grpc.InferenceServiceServicer):
         def Classify(self, request: Any, context: Any) -> Any:
+            if not request.content:
+                return reply_for(no_model)
             return reply_for(run(one))
 
     class Bare(inference_pb2_grpc.InferenceServiceServicer):
         async def Classify(self, request: Any, context: Any) -> Any:
+            if not request.content:
+                return reply_for(no_model)
             return reply_for(await asyncio.get_running_loop().run_in_executor(pool, run, one))
 
     sync_server = None
@@ -280,6 +311,9 @@ class InProcessWorker:
     def latency(self, calls: int) -> list[float]:
         return list(self._ask(f"latency {calls}"))
 
+    def idle_latency(self, calls: int) -> list[float]:
+        return list(self._ask(f"idle_latency {calls}"))
+
     def rate(self, seconds: float) -> float:
         return float(self._ask(f"rate {seconds}"))
 
@@ -331,6 +365,26 @@ def _latencies(
                 stub.Classify(request)
                 served.append((time.perf_counter() - t0) * 1000)
     return own, served
+
+
+def _round_trips(address: str, calls: int) -> list[float]:
+    """Latencies (ms) of Classify calls with no image, which a floor server answers without
+    the model."""
+    import grpc
+
+    from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.ClassifyRequest()
+        for _ in range(5):
+            stub.Classify(request)
+        latencies = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            stub.Classify(request)
+            latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies
 
 
 async def _concurrent(
@@ -390,6 +444,33 @@ async def _concurrent(
         return done / (loop.time() - start)
 
 
+def _p50(samples: list[float]) -> float:
+    return _percentiles(samples)[0]
+
+
+def _figures_for_scale(
+    floor_in: dict[str, list[float]],
+    floor_served: dict[str, list[float]],
+    noop_served: dict[str, list[float]],
+    spread_a: list[float],
+    spread_b: list[float],
+    busy: list[float],
+    idle: list[float],
+) -> dict[str, float | None]:
+    """The output keys of the figures for scale (None when not measured: `--quick`)."""
+    if not spread_a:  # no twin worker ran: a `--quick` run
+        return dict.fromkeys(_SCALE_KEYS)
+    figures = (
+        _p50(floor_served["aio"]) - _p50(floor_in["aio"]),
+        _p50(floor_served["sync"]) - _p50(floor_in["sync"]),
+        _p50(noop_served["aio"]),
+        _p50(noop_served["sync"]),
+        _p50(idle) - _p50(busy),
+        abs(_p50(spread_a) - _p50(spread_b)),
+    )
+    return {key: round(value, 3) for key, value in zip(_SCALE_KEYS, figures, strict=True)}
+
+
 def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return round(statistics.median(n / d for n, d in zip(numerators, denominators, strict=True)), 3)
 
@@ -417,6 +498,9 @@ def main() -> int:
     latency_calls = 40 if quick else 250
     seconds = 1.0 if quick else 2.5
     rss_total = 4_000 if quick else 100_000
+    # The figures for scale (floors, round trips, spread, idle penalty) need two more
+    # TensorFlow processes, whose start alone would take `--quick` past its minute.
+    scale = not quick
     from imagemesh.config import InferenceSettings
     from inference_service.runtime import default_threads, model_instances
 
@@ -470,8 +554,11 @@ def main() -> int:
         latency_svc: list[float] = []
         floor_in: dict[str, list[float]] = {"aio": [], "sync": []}
         floor_served: dict[str, list[float]] = {"aio": [], "sync": []}
+        noop_served: dict[str, list[float]] = {"aio": [], "sync": []}
         spread_a: list[float] = []
         spread_b: list[float] = []
+        busy: list[float] = []
+        idle: list[float] = []
         raw: list[float] = []
         raw_instances: list[float] = []
         rates: dict[str, list[float]] = {"unary": [], "stream": []}
@@ -501,29 +588,31 @@ def main() -> int:
                 calls_at_once=instances,
             )
             workers.append(same)
-            # A second process making `same`'s batch-1 call, for the spread between two
-            # processes doing the same thing (warmed up for batch-1 calls only: `--quick` has
-            # no time for more).
-            twin = InProcessWorker(
-                **spec,
-                intra=service_threads[0],
-                inter=service_threads[1],
-                batch=1,
-                calls_at_once=1,
-            )
-            workers.append(twin)
-            floor_ports = {"aio": free_loopback_port(), "sync": free_loopback_port()}
-            floor_addresses = {name: f"127.0.0.1:{port}" for name, port in floor_ports.items()}
-            workers.append(
-                InProcessWorker(
-                    "--grpc-floor-worker",
+            floor_addresses: dict[str, str] = {}
+            twin: InProcessWorker | None = None
+            if scale:
+                # A second process making `same`'s batch-1 call, for the spread between two
+                # processes doing the same thing (warmed up for batch-1 calls only).
+                twin = InProcessWorker(
                     **spec,
                     intra=service_threads[0],
                     inter=service_threads[1],
-                    port=floor_ports["aio"],
-                    sync_port=floor_ports["sync"],
+                    batch=1,
+                    calls_at_once=1,
                 )
-            )
+                workers.append(twin)
+                floor_ports = {"aio": free_loopback_port(), "sync": free_loopback_port()}
+                floor_addresses = {name: f"127.0.0.1:{p}" for name, p in floor_ports.items()}
+                workers.append(
+                    InProcessWorker(
+                        "--grpc-floor-worker",
+                        **spec,
+                        intra=service_threads[0],
+                        inter=service_threads[1],
+                        port=floor_ports["aio"],
+                        sync_port=floor_ports["sync"],
+                    )
+                )
             for worker in workers:
                 worker.wait_ready()
             _wait_serving(address, server)
@@ -537,9 +626,14 @@ def main() -> int:
                     )
                     floor_in[transport] += own
                     floor_served[transport] += served
+                    noop_served[transport] += _round_trips(address_of_floor, latency_calls // 2)
                 for _ in range(latency_calls // 2 // _TURN):
+                    if twin is None:
+                        break
                     spread_a += same.latency(_TURN)
                     spread_b += twin.latency(_TURN)
+                    busy += same.latency(_TURN)
+                    idle += same.idle_latency(_TURN)
                 raw.append(single.rate(seconds))
                 raw_instances.append(same.rate(seconds))
                 for kind in ("unary", "stream"):
@@ -576,10 +670,9 @@ def main() -> int:
             server.wait(timeout=60)
     in50, in99 = _percentiles(latency_in)
     svc50, svc99 = _percentiles(latency_svc)
-    floor_overhead = {
-        transport: _percentiles(floor_served[transport])[0] - _percentiles(floor_in[transport])[0]
-        for transport in floor_served
-    }
+    figures_for_scale = _figures_for_scale(
+        floor_in, floor_served, noop_served, spread_a, spread_b, busy, idle
+    )
     result = {
         "bench": "inference",
         "quick": quick,
@@ -590,11 +683,7 @@ def main() -> int:
         "rss_growth_pct": round((rss_end - rss_start) / rss_start * 100, 2),
         "ratio_concurrent_unary_vs_instances": _median_ratio(rates["unary"], raw_instances),
         "ratio_concurrent_stream_vs_instances": _median_ratio(rates["stream"], raw_instances),
-        "grpc_floor_p50_overhead_ms": round(floor_overhead["aio"], 3),
-        "grpc_sync_floor_p50_overhead_ms": round(floor_overhead["sync"], 3),
-        "in_process_spread_p50_ms": round(
-            abs(_percentiles(spread_a)[0] - _percentiles(spread_b)[0]), 3
-        ),
+        **figures_for_scale,
         "classify_p50_ms": round(svc50, 3),
         "classify_p99_ms": round(svc99, 3),
         "in_process_p50_ms": round(in50, 3),
