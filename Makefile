@@ -77,8 +77,10 @@ test-fast: venv
 demo: venv
 	$(PY) scripts/demo.py
 
-bench: venv
-	@for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+# Every bench in its --quick mode, with the engines they need up (bench/cpu_meter.py is a helper).
+BENCHES := storage search inference inference_paired batch train
+bench: venv tools
+	bash scripts/with_engines.sh sh -c 'for b in $(BENCHES); do $(PY) -m bench.$$b --quick || exit 1; done'
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

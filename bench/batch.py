@@ -420,6 +420,8 @@ def main() -> int:
         json.dumps(
             {
                 "bench": "batch",
+                "quick": args.quick,
+                "images": count,
                 "ratio_compute": round(compute / baseline, 3),
                 "ratio_end_to_end": round(warm / baseline, 3),
                 "cold_ratio_end_to_end": round(count / cold_s / baseline, 3),
