@@ -95,12 +95,18 @@ def _decode_png(
         rgb: np.ndarray = pyspng.load(data, "RGB")
     except RuntimeError as exc:  # libspng's errors: truncated, corrupt, bad header values
         raise _invalid(f"{field} could not be decoded: {exc}", "UNDECODABLE_IMAGE", field) from None
-    height, width = size
-    if rgb.shape[:2] == (height, width):
+    if rgb.shape[:2] == size:
         return rgb.astype(np.float32)
     # The same resize as the Pillow path's, on the same pixels.
-    resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.float32)
+    return _resized(Image.fromarray(rgb), size)
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`image` (RGB) at `size` = (h, w), bilinear, as float32 pixels."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32)
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, field: str) -> None:
@@ -140,9 +146,7 @@ def _decode_encoded(
             # An RGB image (most PNGs and JPEGs) is read as it is: converting makes a copy, a
             # fifth of the time a small image takes (decoding one is mostly Pillow's Python).
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.float32)
+            return _resized(rgb, size)
     except InvalidArgument:
         raise
     except Image.DecompressionBombError as exc:
