@@ -392,16 +392,11 @@ class MicroBatcher:
         except BaseException as exc:  # a failed batch fails its calls, never the collector
             outcome = exc
         # RuntimeError: the event loop is closed, and no caller is left to answer.
+        # Nothing runs here after the hand-over: Python code on this thread would hold the GIL
+        # that the waking event loop needs (the batch's metrics here delayed a lone call's
+        # answer by ~60 us, measured), so they are observed on the loop, after the answers.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._answer, loop, batch, outcome, started)
-        # Observed here, after the hand-over: this thread has nothing else to do while the
-        # event loop wakes up, and the loop answers the callers sooner without them.
-        if isinstance(outcome, _Computed) and outcome.outputs is not None:
-            metrics.COMPUTE_SECONDS.observe(outcome.seconds)
-            metrics.BATCH_SIZE.observe(len(outcome.errors) - outcome.failed)
-            for item, error in zip(batch, outcome.errors, strict=True):
-                if error is None:
-                    metrics.QUEUE_DELAY_SECONDS.observe(started - item.enqueued)
 
     def _answer(
         self,
@@ -419,10 +414,23 @@ class MicroBatcher:
                         item.future.set_exception(outcome)
             else:
                 self._answer_computed(loop, batch, outcome, started)
+                # Scheduled after the callers' wake-ups: they send their answers first.
+                loop.call_soon(self._observe, batch, outcome, started)
         finally:
             self._busy -= 1
             self._in_flight -= len(batch)
             self._freed.set()
+
+    @staticmethod
+    def _observe(batch: Sequence[_Item], computed: _Computed, started: float) -> None:
+        """The batch's metrics, on the event loop once its callers have answered."""
+        if computed.outputs is None:
+            return
+        metrics.COMPUTE_SECONDS.observe(computed.seconds)
+        metrics.BATCH_SIZE.observe(len(computed.errors) - computed.failed)
+        for item, error in zip(batch, computed.errors, strict=True):
+            if error is None:
+                metrics.QUEUE_DELAY_SECONDS.observe(started - item.enqueued)
 
     def _answer_computed(
         self,
