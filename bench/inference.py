@@ -354,17 +354,23 @@ def _latencies(
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = inference_pb2.ClassifyRequest(content=content)
-        for _ in range(5):
-            stub.Classify(request)
+        _timed_calls(stub, request, 5)  # warm-up
         own: list[float] = []
         served: list[float] = []
         while len(served) < calls:
             own += in_process.latency(_TURN)
-            for _ in range(_TURN):
-                t0 = time.perf_counter()
-                stub.Classify(request)
-                served.append((time.perf_counter() - t0) * 1000)
+            served += _timed_calls(stub, request, _TURN)
     return own, served
+
+
+def _timed_calls(stub: Any, request: Any, calls: int) -> list[float]:
+    """Latencies (ms) of `calls` sequential Classify calls."""
+    latencies = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        stub.Classify(request)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies
 
 
 def _round_trips(address: str, calls: int) -> list[float]:
@@ -377,14 +383,8 @@ def _round_trips(address: str, calls: int) -> list[float]:
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = inference_pb2.ClassifyRequest()
-        for _ in range(5):
-            stub.Classify(request)
-        latencies = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            stub.Classify(request)
-            latencies.append((time.perf_counter() - t0) * 1000)
-    return latencies
+        _timed_calls(stub, request, 5)  # warm-up
+        return _timed_calls(stub, request, calls)
 
 
 async def _concurrent(
@@ -449,23 +449,24 @@ def _p50(samples: list[float]) -> float:
 
 
 def _figures_for_scale(
+    measured: bool,
     floor_in: dict[str, list[float]],
     floor_served: dict[str, list[float]],
     noop_served: dict[str, list[float]],
     spread_a: list[float],
     spread_b: list[float],
-    busy: list[float],
     idle: list[float],
 ) -> dict[str, float | None]:
-    """The output keys of the figures for scale (None when not measured: `--quick`)."""
-    if not spread_a:  # no twin worker ran: a `--quick` run
+    """The output keys of the figures for scale (None when not `measured`: `--quick`).
+    `spread_a` holds the back-to-back calls that `idle` is compared with."""
+    if not measured:
         return dict.fromkeys(_SCALE_KEYS)
     figures = (
         _p50(floor_served["aio"]) - _p50(floor_in["aio"]),
         _p50(floor_served["sync"]) - _p50(floor_in["sync"]),
         _p50(noop_served["aio"]),
         _p50(noop_served["sync"]),
-        _p50(idle) - _p50(busy),
+        _p50(idle) - _p50(spread_a),
         abs(_p50(spread_a) - _p50(spread_b)),
     )
     return {key: round(value, 3) for key, value in zip(_SCALE_KEYS, figures, strict=True)}
@@ -557,7 +558,6 @@ def main() -> int:
         noop_served: dict[str, list[float]] = {"aio": [], "sync": []}
         spread_a: list[float] = []
         spread_b: list[float] = []
-        busy: list[float] = []
         idle: list[float] = []
         raw: list[float] = []
         raw_instances: list[float] = []
@@ -627,13 +627,12 @@ def main() -> int:
                     floor_in[transport] += own
                     floor_served[transport] += served
                     noop_served[transport] += _round_trips(address_of_floor, latency_calls // 2)
-                for _ in range(latency_calls // 2 // _TURN):
-                    if twin is None:
-                        break
-                    spread_a += same.latency(_TURN)
-                    spread_b += twin.latency(_TURN)
-                    busy += same.latency(_TURN)
-                    idle += same.idle_latency(_TURN)
+                if twin is not None:
+                    # `same`'s back-to-back turns serve both the spread and the idle penalty.
+                    for _ in range(latency_calls // 2 // _TURN):
+                        spread_a += same.latency(_TURN)
+                        spread_b += twin.latency(_TURN)
+                        idle += same.idle_latency(_TURN)
                 raw.append(single.rate(seconds))
                 raw_instances.append(same.rate(seconds))
                 for kind in ("unary", "stream"):
@@ -671,7 +670,7 @@ def main() -> int:
     in50, in99 = _percentiles(latency_in)
     svc50, svc99 = _percentiles(latency_svc)
     figures_for_scale = _figures_for_scale(
-        floor_in, floor_served, noop_served, spread_a, spread_b, busy, idle
+        scale, floor_in, floor_served, noop_served, spread_a, spread_b, idle
     )
     result = {
         "bench": "inference",
