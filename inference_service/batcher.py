@@ -1,12 +1,21 @@
 """Dynamic micro-batching: concurrent single images gathered into batches for the model.
 
-Callers `submit` one preprocessed image and await its output row. A collector task forms a batch
-whenever one of the model's instances is free, takes up to `max_batch_size` images, pads the
-batch to one of a few fixed sizes (each new batch shape costs TensorFlow a slow first call;
-padded sizes are all warmed up before serving), and runs it on the compute executor. Up to
-`instances` batches run at once, each on its own executor thread through the same loaded model
-(TensorFlow runs concurrent calls of one function safely); the executor is shared by the loaded
-versions, so a version switch never runs more batches than it has threads.
+Callers submit one preprocessed image and get its output row: `submit` awaits it (event-loop
+callers), `submit_blocking` waits on the caller's thread (the synchronous gRPC front's handler
+threads, see `front`). A collector thread forms a batch whenever one of the model's instances
+is free, takes up to `max_batch_size` images, pads the batch to one of a few fixed sizes (each
+new batch shape costs TensorFlow a slow first call; padded sizes are all warmed up before
+serving), and runs it on the compute executor. Up to `instances` batches run at once, each on
+its own executor thread through the same loaded model (TensorFlow runs concurrent calls of one
+function safely); the executor is shared by the loaded versions, so a version switch never runs
+more batches than it has threads.
+
+Why threads, not the event loop: a lone call's answer used to wake the event loop (from the
+compute thread) and then the caller's coroutine, ~0.27 ms of a lone call measured here, and the
+loop's turns were what limited many small calls. The collector and the answers now need no
+event loop at all: a compute thread hands each caller its row directly, and a lone caller on a
+thread of its own (an idle batcher, nothing queued, no fuller batch to wait for) runs its batch
+of one itself, with no hand-over at all.
 
 Why instances: on small inputs a batch's ops are too short to split well between threads. On
 two cores (32x32 DenseNet121, batches of 32), two batches at once on one thread each computed
@@ -21,7 +30,7 @@ the batch to reach its share of the concurrency it just observed (the images bei
 plus those that arrived meanwhile, divided among the instances, capped at `max_batch_size`).
 It stops waiting early when images stop coming (none for `arrival_gap`: the rest are not on
 their way), and in any case after `max_queue_delay`. The gap counts only once one of the
-callers just answered is back: until then the loop may still be busy sending their answers
+callers just answered is back: until then the server may still be busy sending their answers
 (measured: the first comes back ~4 ms after the batch, ~8 ms on a loaded machine), and a 2 ms
 silence then split the batch in two.
 One client calling in a loop gets batches of one with no wait; N clients get batches of N,
@@ -49,11 +58,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,7 +124,9 @@ class BatchResult:
 @dataclass
 class _Item:
     pixels: np.ndarray | Preprocess
-    future: asyncio.Future[BatchResult]
+    # Cancelling it before its batch starts drops the image (its caller went away); a batch
+    # marks its futures running when it takes them, after which they can no longer be.
+    future: Future[BatchResult]
     enqueued: float
     deadline: float | None
 
@@ -142,8 +153,16 @@ class _Stats:
     images: int = 0
 
 
+# The collector is asleep until the queue holds at least this many images (no arrival wakes it).
+_NEVER = 1 << 62
+
+
 class MicroBatcher:
-    """Batches single-image calls to one model. Create, `start`, `submit` many, then `close`."""
+    """Batches single-image calls to one model. Create, `start`, submit many, then `close`.
+
+    Thread-safe: images may be submitted from the event loop and from any thread at once.
+    Deadlines are on `time.monotonic()`'s clock, which is also the event loop's (`loop.time()`).
+    """
 
     def __init__(
         self,
@@ -158,21 +177,22 @@ class MicroBatcher:
         self._executor = executor
         self._label = label
         self._sizes = padded_sizes(config.max_batch_size)
+        # Everything below is guarded by `_lock`; `_changed` wakes the collector.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._queue: collections.deque[_Item] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
         self._closing = False
-        # While the collector waits for a fuller batch: resolved when the queue reaches
-        # `_fill_target` (by `submit`) or when the wait is over (by a timer).
-        self._filled: asyncio.Future[None] | None = None
-        self._fill_target = 0
+        # The queue length at which a submission wakes the collector: 1 while it waits for any
+        # image, the fill target while it waits for a fuller batch, else never (it waits for a
+        # free instance, or it is awake).
+        self._wake_at = _NEVER
         self._last_arrival = 0.0
         # When the last batch's callers were answered (their next calls come after it).
         self._answered = 0.0
-        # Batches being computed, the images in them, and a signal that one finished.
+        # Batches being computed, and the images in them.
         self._busy = 0
         self._in_flight = 0
-        self._freed = asyncio.Event()
         # The concurrency seen at the last batches' ends (one per instance): with several
         # instances, callers answered by one are on their way back, unseen, when another ends.
         self._observed: collections.deque[int] = collections.deque(maxlen=config.instances)
@@ -198,22 +218,68 @@ class MicroBatcher:
         return len(self._queue)
 
     def start(self) -> None:
-        """Starts the collector task on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._collect(), name=f"batcher {self._label}"
-            )
+        """Starts the collector thread."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._collect, name=f"batcher {self._label}"[:60], daemon=True
+                )
+                self._thread.start()
 
     async def submit(
         self, pixels: np.ndarray | Preprocess, *, deadline: float | None = None
     ) -> BatchResult:
-        """Computes one image; `deadline` is on the event loop's clock (`loop.time()`).
+        """Computes one image, awaited on the event loop; see `submit_future`. Cancelling the
+        caller before the image's batch starts drops the image."""
+        return await asyncio.wrap_future(self.submit_future(pixels, deadline=deadline))
+
+    def submit_blocking(
+        self, pixels: np.ndarray | Preprocess, *, deadline: float | None = None
+    ) -> BatchResult:
+        """Computes one image on behalf of a caller that waits on its own thread (never the
+        event loop's); see `submit_future`.
+
+        If the batcher is idle (an instance free, nothing queued, and no fuller batch worth
+        waiting for), the image is computed right here, on the caller's thread: a lone call
+        is answered with no thread hand-over at all.
+        """
+        with self._lock:
+            self._refuse_if_unable(deadline)
+            lone = (
+                not self._queue
+                and self._busy < self._config.instances
+                and self._target <= 1
+                and self._thread is not None
+            )
+            if not lone:
+                item = self._enqueue(pixels, deadline)
+            else:
+                now = time.monotonic()
+                item = _Item(pixels, Future(), now, deadline)
+                item.future.set_running_or_notify_cancel()
+                self._last_arrival = now
+                self._busy += 1
+                self._in_flight += 1
+        if lone:
+            self._compute_then_answer([item], item.enqueued)
+        return item.future.result()
+
+    def submit_future(
+        self, pixels: np.ndarray | Preprocess, *, deadline: float | None = None
+    ) -> Future[BatchResult]:
+        """Queues one image; its future gets the output row. Callable from any thread.
 
         `pixels` is the image, or a step that makes it on the compute thread (whatever that
-        step raises is raised here). Raises `ResourceExhausted` if the queue is full,
-        `DeadlineExceeded` if the deadline passes before the image's batch starts,
-        `Unavailable` if the batcher is closing.
+        step raises is the future's exception). Raises `ResourceExhausted` if the queue is
+        full, `DeadlineExceeded` if the deadline has passed, `Unavailable` if the batcher is
+        closing; the future fails with `DeadlineExceeded` if the deadline passes before the
+        image's batch starts. Cancel the future to drop an image that is not computing yet.
         """
+        with self._lock:
+            self._refuse_if_unable(deadline)
+            return self._enqueue(pixels, deadline).future
+
+    def _refuse_if_unable(self, deadline: float | None) -> None:
         if self._closing:
             raise Unavailable("the model is being unloaded; retry", retry_after_s=0.1)
         if len(self._queue) >= self._config.queue_capacity:
@@ -225,108 +291,101 @@ class MicroBatcher:
                 reason="QUEUE_FULL",
                 retry_after_s=max(0.01, wait),
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if deadline is not None and now >= deadline:
+        if deadline is not None and time.monotonic() >= deadline:
             metrics.DROPPED.labels("deadline").inc()
             raise DeadlineExceeded("the deadline passed before the image was queued")
-        item = _Item(pixels, loop.create_future(), now, deadline)
+
+    def _enqueue(self, pixels: np.ndarray | Preprocess, deadline: float | None) -> _Item:
+        """Under the lock: queues an image, waking the collector if it waits for it."""
+        now = time.monotonic()
+        item = _Item(pixels, Future(), now, deadline)
         self._queue.append(item)
         self._last_arrival = now
         metrics.QUEUE_DEPTH.inc()
-        self._arrived.set()
-        filled = self._filled
-        if filled is not None and len(self._queue) >= self._fill_target and not filled.done():
-            filled.set_result(None)
-        # If the caller is cancelled, the future is cancelled too and the collector skips it.
-        return await item.future
+        if len(self._queue) >= self._wake_at:
+            self._wake_at = _NEVER
+            self._changed.notify()
+        return item
 
     async def close(self) -> None:
         """Refuses new images, lets the queued ones finish, then stops the collector."""
-        self._closing = True
-        self._arrived.set()
-        if self._filled is not None and not self._filled.done():
-            self._filled.set_result(None)
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await asyncio.to_thread(self.close_blocking)
 
-    async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
+    def close_blocking(self) -> None:
+        """`close`, waiting on the caller's thread."""
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            self._thread = None
+            while self._busy:  # lone calls computing on their callers' threads
+                self._changed.wait()
+
+    def _collect(self) -> None:
+        """The collector thread: forms and launches batches until closed."""
+        with self._lock:
             while True:
                 if self._busy >= self._config.instances:
-                    # Every instance is busy: the next batch forms when one is free. The wait
-                    # ends after the finished batch's callers were woken, so their replies go
-                    # out before the next batch's wait starts its clock.
-                    self._freed.clear()
-                    await self._freed.wait()
+                    # Every instance is busy: the next batch forms when one is free.
+                    self._changed.wait()
                     continue
                 if not self._queue:
                     if self._closing:
-                        return
-                    self._arrived.clear()
-                    await self._arrived.wait()
+                        break
+                    self._wake_at = 1
+                    self._changed.wait()
                     continue
-                await self._fill(loop)
-                self._launch(loop, self._take(loop))
-        finally:
-            # Closing (or cancelled): the batches being computed still answer their callers.
+                self._fill()
+                self._launch(self._take())
+            # Closing: the batches being computed still answer their callers.
             while self._busy:
-                self._freed.clear()
-                await self._freed.wait()
+                self._changed.wait()
 
-    def _launch(self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item]) -> None:
+    def _launch(self, batch: Sequence[_Item]) -> None:
+        """Under the lock: hands a batch to the compute executor."""
         if not batch:  # every image taken was dropped (deadline passed, caller gone)
             return
         self._in_flight += len(batch)
         self._busy += 1
-        started = loop.time()
+        started = time.monotonic()
         try:
-            self._executor.submit(self._compute_then_answer, loop, batch, started)
+            self._executor.submit(self._compute_then_answer, batch, started)
         except RuntimeError as exc:  # the executor was shut down
-            self._answer(loop, batch, exc, started)
+            self._busy -= 1
+            self._in_flight -= len(batch)
+            for item in batch:
+                item.future.set_exception(exc)
 
-    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Waits until the queue reaches the target size, images stop coming, or time is up."""
+    def _fill(self) -> None:
+        """Under the lock: waits until the queue reaches the target size, images stop coming,
+        or time is up."""
         target = self._target
-        if len(self._queue) >= target or self._closing:
-            return
-        start = loop.time()
+        start = time.monotonic()
         until = start + self._config.max_queue_delay_s
         gap = self._config.arrival_gap_s
-        filled: asyncio.Future[None] = loop.create_future()
-        timer: asyncio.TimerHandle | None = None
-
-        # One timer, pushed back while images keep arriving (cheaper than a timeout per
-        # arrival: each costs the event loop time that the callers' next calls need).
-        def check() -> None:
-            nonlocal timer
-            if filled.done():
-                return
-            now = loop.time()
+        while len(self._queue) < target and not self._closing:
+            now = time.monotonic()
             if now >= until:
-                filled.set_result(None)
-            elif self._last_arrival < self._answered:
+                return
+            if self._last_arrival < self._answered:
                 # None of the callers just answered is back yet (the queue holds only images
                 # that came during the last batch): their answers may still be on their way
-                # out through a busy loop, so their silence says nothing yet. Look again.
-                timer = loop.call_at(min(until, now + gap), check)
+                # out through a busy server, so their silence says nothing yet. Look again.
+                wake = min(until, now + gap)
             elif now >= max(start, self._last_arrival) + gap:
-                filled.set_result(None)
+                return
             else:
-                timer = loop.call_at(min(until, max(start, self._last_arrival) + gap), check)
+                wake = min(until, max(start, self._last_arrival) + gap)
+            self._wake_at = target
+            self._changed.wait(wake - now)
+        self._wake_at = _NEVER
 
-        self._filled, self._fill_target = filled, target
-        timer = loop.call_at(min(until, start + gap), check)
-        try:
-            await filled
-        finally:
-            self._filled = None
-            timer.cancel()
-
-    def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
-        now = loop.time()
+    def _take(self) -> list[_Item]:
+        """Under the lock: the next batch's images, dropping those that cannot be computed."""
+        now = time.monotonic()
         # With other instances free too, a queue longer than one batch's share is shared among
         # them rather than all put in one batch while they idle (two batches of 16 at once
         # beat one of 32 here).
@@ -337,7 +396,7 @@ class MicroBatcher:
         while self._queue and len(batch) < size:
             item = self._queue.popleft()
             metrics.QUEUE_DEPTH.dec()
-            if item.future.done():  # the caller went away
+            if not item.future.set_running_or_notify_cancel():  # the caller went away
                 metrics.DROPPED.labels("cancelled").inc()
                 continue
             if item.deadline is not None and now >= item.deadline:
@@ -380,50 +439,64 @@ class MicroBatcher:
         outputs = self._runner(inputs)
         return _Computed(outputs, errors, time.perf_counter() - t0)
 
-    def _compute_then_answer(
-        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Item], started: float
-    ) -> None:
-        """On the compute thread: the batch, then its answers handed straight to the event
-        loop (one wake-up; through `run_in_executor`'s futures and a task, a lone call's
-        answer went out two event-loop iterations later)."""
+    def _compute_then_answer(self, batch: Sequence[_Item], started: float) -> None:
+        """On the compute thread (or a lone caller's): the batch, its instance freed, then its
+        callers' answers.
+
+        The instance is freed, and the concurrency observed, before any caller has its answer:
+        a caller's next call must find the batcher's view of the last batch complete (else a
+        lone caller calling again at once is counted twice, and waits for a fuller batch).
+        """
         outcome: _Computed | BaseException
         try:
             outcome = self._compute(batch)
         except BaseException as exc:  # a failed batch fails its calls, never the collector
             outcome = exc
-        # RuntimeError: the event loop is closed, and no caller is left to answer.
-        # Nothing runs here after the hand-over: Python code on this thread would hold the GIL
-        # that the waking event loop needs (the batch's metrics here delayed a lone call's
-        # answer by ~60 us, measured), so they are observed on the loop, after the answers.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._answer, loop, batch, outcome, started)
-
-    def _answer(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: Sequence[_Item],
-        outcome: _Computed | BaseException,
-        started: float,
-    ) -> None:
-        """On the event loop: answers the batch's callers, then frees its instance."""
-        try:
-            if isinstance(outcome, BaseException):
-                _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(outcome)
-            else:
-                self._answer_computed(loop, batch, outcome, started)
-                # Scheduled after the callers' wake-ups: they send their answers first.
-                loop.call_soon(self._observe, batch, outcome, started)
-        finally:
+        with self._lock:
+            if isinstance(outcome, _Computed):
+                self._record(outcome)
             self._busy -= 1
             self._in_flight -= len(batch)
-            self._freed.set()
+            self._changed.notify_all()
+        if isinstance(outcome, BaseException):
+            _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
+            for item in batch:
+                item.future.set_exception(outcome)
+            return
+        self._answer(batch, outcome, started)
+        # After the answers: the callers' threads wake first.
+        self._observe(batch, outcome, started)
+
+    def _record(self, computed: _Computed) -> None:
+        """Under the lock: what a finished batch tells about the load."""
+        # The observed concurrency: the images being computed (this batch's and any other
+        # instance's) plus those that arrived meanwhile, shared between the instances. (This
+        # batch's size alone would lock a steady load into alternating half batches.)
+        self._observed.append(self._in_flight + len(self._queue))
+        self._answered = time.monotonic()
+        n = len(computed.errors) - computed.failed
+        if computed.outputs is not None:
+            stats = self.stats
+            stats.seconds_per_image = 0.8 * stats.seconds_per_image + 0.2 * (computed.seconds / n)
+            stats.batches += 1
+            stats.images += n
+
+    @staticmethod
+    def _answer(batch: Sequence[_Item], computed: _Computed, started: float) -> None:
+        outputs, errors = computed.outputs, computed.errors
+        n = len(batch) - computed.failed
+        row = 0
+        for item, error in zip(batch, errors, strict=True):
+            if error is not None:
+                item.future.set_exception(error)
+                continue
+            assert outputs is not None
+            item.future.set_result(BatchResult(outputs[row].copy(), n, started - item.enqueued))
+            row += 1
 
     @staticmethod
     def _observe(batch: Sequence[_Item], computed: _Computed, started: float) -> None:
-        """The batch's metrics, on the event loop once its callers have answered."""
+        """The batch's metrics, once its callers have their answers."""
         if computed.outputs is None:
             return
         metrics.COMPUTE_SECONDS.observe(computed.seconds)
@@ -431,35 +504,3 @@ class MicroBatcher:
         for item, error in zip(batch, computed.errors, strict=True):
             if error is None:
                 metrics.QUEUE_DELAY_SECONDS.observe(started - item.enqueued)
-
-    def _answer_computed(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: Sequence[_Item],
-        computed: _Computed,
-        started: float,
-    ) -> None:
-        outputs, errors = computed.outputs, computed.errors
-        n = len(batch) - computed.failed
-        if outputs is not None:
-            elapsed = computed.seconds
-            stats = self.stats
-            stats.seconds_per_image = 0.8 * stats.seconds_per_image + 0.2 * (elapsed / n)
-            stats.batches += 1
-            stats.images += n
-        # The observed concurrency: the images being computed (this batch's and any other
-        # instance's) plus those that arrived meanwhile, shared between the instances. (This
-        # batch's size alone would lock a steady load into alternating half batches.)
-        self._observed.append(self._in_flight + len(self._queue))
-        row = 0
-        for item, error in zip(batch, errors, strict=True):
-            if item.future.done():  # the caller went away meanwhile
-                row += error is None
-                continue
-            if error is not None:
-                item.future.set_exception(error)
-                continue
-            assert outputs is not None
-            item.future.set_result(BatchResult(outputs[row].copy(), n, started - item.enqueued))
-            row += 1
-        self._answered = loop.time()

@@ -9,10 +9,12 @@ mesh, see `remote`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import re
+import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -23,7 +25,7 @@ from imagemesh.errors import InvalidArgument
 from imagemesh.names import image_sha256, parse_model_version
 from imagemesh.page_tokens import PageTokenCodec
 
-from .batcher import Preprocess
+from .batcher import BatchResult, Preprocess
 from .decode import ImageLimits, decode_image
 from .model.artifact import ModelMetadata
 from .serving import ModelManager
@@ -34,6 +36,7 @@ __all__ = [
     "ClassifyInput",
     "ImageSource",
     "InferenceDomain",
+    "Pending",
     "PredictionSink",
     "VersionListing",
     "prediction_array_name",
@@ -140,6 +143,77 @@ def _rank(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
     return [ClassScore(i, class_names[i], values[i]) for i in order]
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An image queued by `InferenceDomain.queue_blocking`, not classified yet."""
+
+    future: Future[BatchResult]
+    metadata: ModelMetadata
+    k: int
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _checked(request: ClassifyInput) -> str | None:
+    """Refuses a malformed request before any work; the stored image's sha256, if named."""
+    if request.content is None and request.image_name is None:
+        raise InvalidArgument(
+            "no image: set content (the image's bytes) or image_name (images/{sha256})",
+            reason="MISSING_IMAGE",
+            field="image",
+        )
+    sha256 = None
+    if request.image_name is not None:
+        sha256 = image_sha256(request.image_name, field="image_name")
+    elif request.persist:
+        raise InvalidArgument(
+            "persist needs a stored image: send image_name, or upload the image first",
+            reason="PERSIST_NEEDS_STORED_IMAGE",
+            field="persist",
+        )
+    if request.model_version:
+        parse_model_version(request.model_version)
+    if request.top_k < 0:
+        raise InvalidArgument(
+            f"top_k must be 0 (the default, 5) or more, got {request.top_k}",
+            reason="INVALID_TOP_K",
+            field="top_k",
+        )
+    return sha256
+
+
+def _sent_content(request: ClassifyInput) -> bytes:
+    """The checked request's image bytes (the blocking paths take no stored image)."""
+    _checked(request)
+    if request.content is None:
+        raise ValueError("a stored image is classified through InferenceDomain.classify")
+    return request.content
+
+
+def _top_k(request: ClassifyInput, metadata: ModelMetadata) -> int:
+    classes = len(metadata.class_names)
+    if request.top_k > classes:
+        raise InvalidArgument(
+            f"top_k is {request.top_k} but {metadata.name} has {classes} classes",
+            reason="INVALID_TOP_K",
+            field="top_k",
+        )
+    return request.top_k or min(DEFAULT_TOP_K, classes)
+
+
+def _classification(metadata: ModelMetadata, result: BatchResult, k: int) -> Classification:
+    probabilities = result.output.astype(np.float32, copy=False)
+    return Classification(
+        model_version=metadata.name,
+        top_classes=_rank(probabilities, metadata.class_names, k),
+        probabilities=probabilities,
+        queue_delay_s=result.queue_delay_s,
+        batch_size=result.batch_size,
+    )
+
+
 class InferenceDomain:
     """The service's behaviour, independent of gRPC."""
 
@@ -161,41 +235,13 @@ class InferenceDomain:
 
     async def classify(self, request: ClassifyInput, *, timeout_s: float | None) -> Classification:
         """Classifies one image; `timeout_s` is what is left of the caller's deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        if request.content is None and request.image_name is None:
-            raise InvalidArgument(
-                "no image: set content (the image's bytes) or image_name (images/{sha256})",
-                reason="MISSING_IMAGE",
-                field="image",
-            )
-        sha256 = None
-        if request.image_name is not None:
-            sha256 = image_sha256(request.image_name, field="image_name")
-        elif request.persist:
-            raise InvalidArgument(
-                "persist needs a stored image: send image_name, or upload the image first",
-                reason="PERSIST_NEEDS_STORED_IMAGE",
-                field="persist",
-            )
-        if request.model_version:
-            parse_model_version(request.model_version)
-        if request.top_k < 0:
-            raise InvalidArgument(
-                f"top_k must be 0 (the default, 5) or more, got {request.top_k}",
-                reason="INVALID_TOP_K",
-                field="top_k",
-            )
+        # The batcher's clock (`time.monotonic`, also the event loop's).
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        sha256 = _checked(request)
         served = await self.manager.acquire(request.model_version)
         try:
             metadata = served.metadata
-            classes = len(metadata.class_names)
-            if request.top_k > classes:
-                raise InvalidArgument(
-                    f"top_k is {request.top_k} but {metadata.name} has {classes} classes",
-                    reason="INVALID_TOP_K",
-                    field="top_k",
-                )
+            k = _top_k(request, metadata)
             content = request.content
             field = "content"
             if content is None:
@@ -203,7 +249,7 @@ class InferenceDomain:
                 content = await self._images.fetch(
                     request.image_name,
                     max_bytes=self._limits.max_image_bytes,
-                    timeout_s=None if deadline is None else deadline - loop.time(),
+                    timeout_s=_left(deadline),
                 )
                 field = "image_name"
             image = await self._decode(
@@ -212,10 +258,7 @@ class InferenceDomain:
             result = await served.batcher.submit(image, deadline=deadline)
         finally:
             self.manager.release(served)
-        probabilities = result.output.astype(np.float32, copy=False)
-        k = request.top_k or min(DEFAULT_TOP_K, classes)
-        top = _rank(probabilities, metadata.class_names, k)
-        array_name = ""
+        classification = _classification(metadata, result, k)
         if request.persist:
             assert request.image_name is not None
             assert sha256 is not None
@@ -224,18 +267,63 @@ class InferenceDomain:
                 request.image_name,
                 array_name,
                 metadata,
-                probabilities,
-                top,
-                None if deadline is None else max(0.0, deadline - loop.time()),
+                classification.probabilities,
+                classification.top_classes,
+                _left(deadline),
             )
-        return Classification(
-            model_version=metadata.name,
-            top_classes=top,
-            probabilities=probabilities,
-            queue_delay_s=result.queue_delay_s,
-            batch_size=result.batch_size,
-            probabilities_array=array_name,
-        )
+            classification = dataclasses.replace(classification, probabilities_array=array_name)
+        return classification
+
+    def classify_blocking(
+        self, request: ClassifyInput, *, timeout_s: float | None
+    ) -> Classification:
+        """`classify` for a caller waiting on its own thread (the synchronous front's), for an
+        image sent in the request (stored images go through `classify`, on the event loop).
+
+        When the model is idle the image is computed right on the caller's thread (see
+        `MicroBatcher.submit_blocking`).
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        content = _sent_content(request)
+        served = self.manager.acquire_blocking(request.model_version)
+        try:
+            metadata = served.metadata
+            k = _top_k(request, metadata)
+            image = self._decode_blocking(content, metadata)
+            result = served.batcher.submit_blocking(image, deadline=deadline)
+        finally:
+            self.manager.release(served)
+        return _classification(metadata, result, k)
+
+    def queue_blocking(self, request: ClassifyInput, *, timeout_s: float | None) -> Pending:
+        """Queues an image sent in the request without waiting for it, from a thread other
+        than the event loop's (a stream's reader); `finish` turns it into its classification
+        (on the thread that answers, not on the compute thread that computed it)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        content = _sent_content(request)
+        served = self.manager.acquire_blocking(request.model_version)
+        try:
+            metadata = served.metadata
+            k = _top_k(request, metadata)
+            image = self._decode_blocking(content, metadata)
+            future = served.batcher.submit_future(image, deadline=deadline)
+        except BaseException:
+            self.manager.release(served)
+            raise
+        future.add_done_callback(lambda _: self.manager.release(served))
+        return Pending(future, metadata, k)
+
+    @staticmethod
+    def finish(pending: Pending) -> Classification:
+        """The classification of a queued image, once computed (raises what its batch did)."""
+        return _classification(pending.metadata, pending.future.result(), pending.k)
+
+    def _decode_blocking(self, content: bytes, metadata: ModelMetadata) -> np.ndarray | Preprocess:
+        """As `_decode`, on the calling thread (already not the event loop's)."""
+        size = (metadata.input_height, metadata.input_width)
+        if len(content) <= _BATCH_DECODE_BYTES:
+            return functools.partial(decode_image, content, size, self._limits, field="content")
+        return decode_image(content, size, self._limits, field="content")
 
     async def _decode(
         self, content: bytes, size: tuple[int, int], field: str

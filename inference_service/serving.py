@@ -6,12 +6,17 @@ to it, and calls in flight during a switch, keep working), loads and warms a ver
 can serve, and swaps the serving pointer in one step on the event loop: a call picks its model
 once, at its start, and finishes on it, so no call fails or mixes versions during a switch. An
 evicted version is unloaded only after its last call has finished.
+
+Calls may come from the event loop and from the synchronous front's threads at once: a call's
+lookup and count, an eviction, and the unloading's check for calls in flight all happen under
+one lock, so a version cannot be unloaded between a call finding it and counting itself in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -52,8 +57,8 @@ class ServedModel:
     batcher: MicroBatcher
     keras_model: Any
     in_flight: int = 0
-    # Set when the last call of an evicted version ends.
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set whenever no call uses it (waited on, off the event loop, by an eviction).
+    idle: threading.Event = field(default_factory=threading.Event)
 
     @property
     def name(self) -> str:
@@ -84,6 +89,8 @@ class ModelManager:
         self._loaded: dict[str, ServedModel] = {}
         self._serving: ServedModel | None = None
         self._switch_lock = asyncio.Lock()
+        # Guards `_loaded`, `_serving` and every version's `in_flight` (see the module's doc).
+        self._calls = threading.Lock()
         self._unloading: set[asyncio.Task[None]] = set()
         # Runs once before the first load (TensorFlow's thread pools must be sized before
         # its runtime starts, and loading a model starts it).
@@ -129,12 +136,13 @@ class ModelManager:
             served = self._loaded.get(name)
             if served is None:
                 served = await self._load(name)
-            else:  # most recently selected last, for eviction order
-                del self._loaded[name]
-            self._loaded[name] = served
-            previous = self._serving
-            # The switch itself: one assignment, no await between lookup and use by callers.
-            self._serving = served
+            with self._calls:
+                # Most recently selected last, for eviction order.
+                self._loaded.pop(name, None)
+                self._loaded[name] = served
+                previous = self._serving
+                # The switch itself: callers look the serving version up under the same lock.
+                self._serving = served
             if previous is not served:
                 metrics.MODEL_SWITCHES.inc()
                 _log.info("serving %s (was %s)", name, previous.name if previous else "nothing")
@@ -168,17 +176,20 @@ class ModelManager:
 
     def _evict(self) -> None:
         while len(self._loaded) > self._keep_loaded:
-            oldest = next(iter(self._loaded))
-            served = self._loaded.pop(oldest)
+            with self._calls:
+                served = self._loaded.pop(next(iter(self._loaded)))
             task = asyncio.get_running_loop().create_task(self._unload(served))
             self._unloading.add(task)
             task.add_done_callback(self._unloading.discard)
 
     async def _unload(self, served: ServedModel) -> None:
         # No new call can find it (it left `_loaded`); wait for those already using it.
-        if served.in_flight:
-            served.idle.clear()
-            await served.idle.wait()
+        with self._calls:
+            busy = served.in_flight > 0
+            if busy:
+                served.idle.clear()
+        if busy:
+            await asyncio.to_thread(served.idle.wait)
         await served.batcher.close()
         _log.info("unloaded %s", served.name)
 
@@ -188,33 +199,53 @@ class ModelManager:
         `FailedPrecondition` if nothing serves or `name` is published but not loaded;
         `NotFound` if `name` is not published.
         """
-        served = self._loaded.get(name) if name else self._serving
+        served = self._counted_in(name)
         if served is not None:
-            served.in_flight += 1  # same step as the lookup: an eviction cannot slip between
             return served
+        # Tells an unknown version (NOT_FOUND) from a known one that is not loaded.
+        await asyncio.to_thread(self._not_loaded, name)
+        raise AssertionError("not reached")  # pragma: no cover - _not_loaded raises
+
+    def acquire_blocking(self, name: str = "") -> ServedModel:
+        """`acquire`, from a thread other than the event loop's."""
+        served = self._counted_in(name)
+        if served is None:
+            self._not_loaded(name)
+        assert served is not None
+        return served
+
+    def _counted_in(self, name: str) -> ServedModel | None:
+        with self._calls:
+            served = self._loaded.get(name) if name else self._serving
+            if served is not None:
+                served.in_flight += 1
+            return served
+
+    def _not_loaded(self, name: str) -> None:
+        """Raises why no loaded version answers to `name` (blocking: may ask the registry)."""
         if not name:
             raise FailedPrecondition(no_model_message(self.model), reason="NO_MODEL")
-        # Tells an unknown version (NOT_FOUND) from a known one that is not loaded.
-        await asyncio.to_thread(self.registry.get, name)
+        self.registry.get(name)  # NotFound if it was never published
         raise FailedPrecondition(
             f"{name} is published but not loaded by this server; select it first with "
             f"`imagemesh models select {name}` (SelectModelVersion)",
             reason="MODEL_VERSION_NOT_LOADED",
         )
 
-    @staticmethod
-    def release(served: ServedModel) -> None:
-        """Ends a call's use of `served`."""
-        served.in_flight -= 1
-        if served.in_flight == 0:
-            served.idle.set()
+    def release(self, served: ServedModel) -> None:
+        """Ends a call's use of `served` (from any thread)."""
+        with self._calls:
+            served.in_flight -= 1
+            if served.in_flight == 0:
+                served.idle.set()
 
     async def close(self) -> None:
         """Unloads everything, letting queued images finish."""
         async with self._switch_lock:
-            loaded = list(self._loaded.values())
-            self._loaded.clear()
-            self._serving = None
+            with self._calls:
+                loaded = list(self._loaded.values())
+                self._loaded.clear()
+                self._serving = None
         for served in loaded:
             await served.batcher.close()
         for task in list(self._unloading):
