@@ -7,6 +7,11 @@ the observability interceptor. Tests bind it to port 0 and talk to it over a rea
 `serve_forever` adds signal handling for processes: on SIGTERM or SIGINT health turns
 NOT_SERVING at once (so load balancers stop sending), calls in flight get the grace period
 to finish, then the services release their resources.
+
+A service served alone that has blocking handlers for its latency-bound methods (and
+`server.blocking_front` on) is served through `imagemesh.front`: grpc's synchronous server
+takes the public address, serves those methods itself and forwards the rest to the grpc.aio
+server, which then listens on a Unix socket in a private temporary folder.
 """
 
 from __future__ import annotations
@@ -14,20 +19,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from imagemesh.auth import TokenAuthInterceptor
+from imagemesh.auth import BlockingTokenAuthInterceptor, TokenAuthInterceptor
 from imagemesh.channels import channel_options
 from imagemesh.config import Settings
-from imagemesh.interceptors import ObservabilityInterceptor
+from imagemesh.front import BlockingFront, method_shapes
+from imagemesh.interceptors import ObservabilityInterceptor, observed_blocking
 
 __all__ = ["MeshServer", "ServiceMount", "create_server", "serve_forever"]
 
@@ -40,6 +48,8 @@ class ServiceMount:
 
     `start` runs after the port is bound and before the service reports SERVING (load a
     model, open a backend); `stop` runs after the server stopped taking calls.
+    `blocking_handlers`, if given, makes the handlers (by full method name) that the
+    synchronous front serves itself when the service is served alone.
     """
 
     name: str
@@ -47,6 +57,7 @@ class ServiceMount:
     start: Callable[[], Awaitable[None]] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
     extra_names: Sequence[str] = field(default_factory=tuple)
+    blocking_handlers: Callable[[], Mapping[str, grpc.RpcMethodHandler[Any, Any]]] | None = None
 
 
 def _server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -78,11 +89,16 @@ class MeshServer:
     """A started-or-startable gRPC server with its health servicer and mounted services."""
 
     def __init__(
-        self, settings: Settings, server: grpc.aio.Server, mounts: Sequence[ServiceMount]
+        self,
+        settings: Settings,
+        server: grpc.aio.Server,
+        mounts: Sequence[ServiceMount],
+        front: _Front | None = None,
     ) -> None:
         self.settings = settings
         self.server = server
         self.mounts = list(mounts)
+        self.front = front
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._started: list[ServiceMount] = []
         self._stopped = asyncio.Event()
@@ -98,6 +114,8 @@ class MeshServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.front is not None:  # health checks through it say NOT_SERVING until ready
+            self.front.server.start()
         try:
             for mount in self.mounts:
                 if mount.start is not None:
@@ -116,7 +134,12 @@ class MeshServer:
         self._stopped.set()
         grace = self.settings.server.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.front is not None:
+            # First: the calls it forwards need the grpc.aio server until they end.
+            await asyncio.to_thread(self.front.server.stop, grace)
         await self.server.stop(grace)
+        if self.front is not None:
+            self.front.folder.cleanup()
         for mount in reversed(self._started):
             if mount.stop is not None:
                 try:
@@ -127,6 +150,44 @@ class MeshServer:
     async def wait_for_termination(self) -> None:
         """Returns once the server has stopped."""
         await self.server.wait_for_termination()
+
+
+@dataclass
+class _Front:
+    server: BlockingFront
+    # Holds the grpc.aio server's Unix socket; removed once both servers stopped.
+    folder: tempfile.TemporaryDirectory[str]
+
+
+def _blocking_front(
+    settings: Settings, mounts: Sequence[ServiceMount], served_names: Sequence[str]
+) -> _Front | None:
+    """The synchronous front for `mounts`, if they call for one (see the module's doc)."""
+    if not settings.server.blocking_front or len(mounts) != 1:
+        return None
+    make_handlers = mounts[0].blocking_handlers
+    if make_handlers is None:
+        return None
+    access_log = settings.server.access_log
+    native = {
+        method: observed_blocking(method, handler, access_log=access_log)
+        for method, handler in make_handlers().items()
+    }
+    pool = descriptor_pool.Default()
+    shapes = method_shapes(pool.FindServiceByName(name) for name in served_names)
+    folder = tempfile.TemporaryDirectory(prefix="imagemesh-front-")
+    interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
+    if settings.auth_token:
+        interceptors.append(BlockingTokenAuthInterceptor(settings.auth_token))
+    front = BlockingFront(
+        native=native,
+        shapes=shapes,
+        upstream=f"unix:{folder.name}/upstream.sock",
+        threads=settings.server.front_threads,
+        options=_server_options(settings),
+        interceptors=interceptors,
+    )
+    return _Front(front, folder)
 
 
 def create_server(
@@ -142,19 +203,24 @@ def create_server(
     if settings.auth_token:
         interceptors.append(TokenAuthInterceptor(settings.auth_token))
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
-    mesh = MeshServer(settings, server, mounts)
-    health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
-    for mount in mounts:
-        mount.register(server)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     for mount in mounts:
         names.append(mount.name)
         names.extend(mount.extra_names)
+    front = _blocking_front(settings, mounts, names)
+    mesh = MeshServer(settings, server, mounts, front)
+    health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
+    for mount in mounts:
+        mount.register(server)
     reflection.enable_server_reflection(names, server)
     chosen = settings.server.port if port is None else port
     address = f"{settings.server.host}:{chosen if chosen is not None else 0}"
     credentials = _server_credentials(settings)
-    if credentials is None:
+    if front is not None:
+        # The grpc.aio server is reached through the front only.
+        server.add_insecure_port(f"unix:{front.folder.name}/upstream.sock")
+        bound = front.server.bind(address, credentials)
+    elif credentials is None:
         bound = server.add_insecure_port(address)
     else:
         bound = server.add_secure_port(address, credentials)

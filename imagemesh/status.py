@@ -8,7 +8,7 @@ any language can read `BadRequest` field violations, the `ErrorInfo` reason, and
 from __future__ import annotations
 
 import logging
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -23,7 +23,7 @@ from imagemesh.errors import (
 )
 from imagemesh.interceptors import REQUEST_ID_KEY, current_request_id
 
-__all__ = ["DOMAIN", "abort_with", "error_to_status", "status_code_of"]
+__all__ = ["DOMAIN", "abort_blocking", "abort_with", "error_to_status", "status_code_of"]
 
 DOMAIN = "imagemesh.dev"
 _log = logging.getLogger(__name__)
@@ -70,15 +70,28 @@ def error_to_status(error: ImageMeshError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def abort_with(
-    context: grpc.aio.ServicerContext[object, object], error: ImageMeshError
-) -> NoReturn:
-    """Ends the call with the error's status and details, and the call's request id."""
+def _abort_parts(error: ImageMeshError) -> tuple[grpc.StatusCode, str, tuple[Any, ...]]:
     status = error_to_status(error)
     trailing = tuple(status.trailing_metadata)
     # The abort's trailers replace any set before, so the request id goes in with the details.
     request_id = current_request_id()
     if request_id:
         trailing += ((REQUEST_ID_KEY, request_id),)
-    await context.abort(status.code, status.details, trailing)
+    return status.code, status.details, trailing
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext[object, object], error: ImageMeshError
+) -> NoReturn:
+    """Ends the call with the error's status and details, and the call's request id."""
+    code, details, trailing = _abort_parts(error)
+    await context.abort(code, details, trailing)
+    raise AssertionError("abort returned")  # pragma: no cover - abort raises
+
+
+def abort_blocking(context: grpc.ServicerContext, error: ImageMeshError) -> NoReturn:
+    """`abort_with`, for a handler of grpc's synchronous server."""
+    code, details, trailing = _abort_parts(error)
+    context.set_trailing_metadata(trailing)
+    context.abort(code, details)
     raise AssertionError("abort returned")  # pragma: no cover - abort raises

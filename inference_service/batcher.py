@@ -190,8 +190,11 @@ class MicroBatcher:
         self._last_arrival = 0.0
         # When the last batch's callers were answered (their next calls come after it).
         self._answered = 0.0
-        # Batches being computed, and the images in them.
+        # Batches being computed, and the images in them; whether the collector (or `close`)
+        # waits for one of them to end (else ending one wakes nobody: a lone call's thread
+        # then goes on without another thread taking the GIL from it).
         self._busy = 0
+        self._awaiting_end = False
         self._in_flight = 0
         # The concurrency seen at the last batches' ends (one per instance): with several
         # instances, callers answered by one are on their way back, unseen, when another ends.
@@ -322,6 +325,7 @@ class MicroBatcher:
         with self._lock:
             self._thread = None
             while self._busy:  # lone calls computing on their callers' threads
+                self._awaiting_end = True
                 self._changed.wait()
 
     def _collect(self) -> None:
@@ -330,6 +334,7 @@ class MicroBatcher:
             while True:
                 if self._busy >= self._config.instances:
                     # Every instance is busy: the next batch forms when one is free.
+                    self._awaiting_end = True
                     self._changed.wait()
                     continue
                 if not self._queue:
@@ -342,6 +347,7 @@ class MicroBatcher:
                 self._launch(self._take())
             # Closing: the batches being computed still answer their callers.
             while self._busy:
+                self._awaiting_end = True
                 self._changed.wait()
 
     def _launch(self, batch: Sequence[_Item]) -> None:
@@ -457,7 +463,9 @@ class MicroBatcher:
                 self._record(outcome)
             self._busy -= 1
             self._in_flight -= len(batch)
-            self._changed.notify_all()
+            if self._awaiting_end:
+                self._awaiting_end = False
+                self._changed.notify_all()
         if isinstance(outcome, BaseException):
             _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
             for item in batch:

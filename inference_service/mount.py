@@ -3,6 +3,8 @@
 The service opens the object store itself for model artifacts (`models/...`, like KServe's
 storage initializer), and reaches StorageService and SearchService over gRPC for images and
 predictions. Its `start` hook loads and warms the model before the service reports SERVING.
+Served alone, its Classify and ClassifyStream are served by the synchronous front
+(`blocking_servicer`, `imagemesh.front`), the rest by grpc.aio.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from imagemesh.hot_pool import HotThreadPool
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.mesh import MeshContext
 from imagemesh.page_tokens import PageTokenCodec
@@ -17,8 +20,8 @@ from imagemesh.server import ServiceMount
 
 from .batch.servicer import BatchJobsServicer
 from .batcher import BatcherConfig
+from .blocking_servicer import BlockingInference
 from .decode import ImageLimits
-from .hot_pool import HotThreadPool
 from .servicer import InferenceServicer
 
 __all__ = ["SERVICE_NAME", "mount"]
@@ -122,4 +125,5 @@ def mount(ctx: MeshContext) -> ServiceMount:
         ),
         start=start,
         stop=stop,
+        blocking_handlers=lambda: BlockingInference(servicer).handlers(),
     )

@@ -23,7 +23,14 @@ from .model.artifact import ModelMetadata
 from .service import Classification, ClassifyInput, InferenceDomain
 from .serving import no_model_message
 
-__all__ = ["InferenceServicer", "model_version_proto"]
+__all__ = [
+    "STREAM_WINDOW",
+    "InferenceServicer",
+    "classify_input",
+    "item_error",
+    "model_version_proto",
+    "response_of",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # Images of one stream being classified at once: enough to fill the largest batches, small
 # enough that a fast producer is slowed down (HTTP/2 flow control) instead of queueing without
 # bound.
-_STREAM_WINDOW = 256
+STREAM_WINDOW = 256
 
 
 def model_version_proto(metadata: ModelMetadata, *, serving: bool) -> inference_pb2.ModelVersion:
@@ -53,7 +60,7 @@ def model_version_proto(metadata: ModelMetadata, *, serving: bool) -> inference_
     )
 
 
-def _input(request: inference_pb2.ClassifyRequest) -> ClassifyInput:
+def classify_input(request: inference_pb2.ClassifyRequest) -> ClassifyInput:
     which = request.WhichOneof("image")
     return ClassifyInput(
         content=request.content if which == "content" else None,
@@ -64,7 +71,7 @@ def _input(request: inference_pb2.ClassifyRequest) -> ClassifyInput:
     )
 
 
-def _response(
+def response_of(
     result: Classification, request: inference_pb2.ClassifyRequest
 ) -> inference_pb2.ClassifyResponse:
     # Filled in place (`add`, `FromNanoseconds` on the field): half the time of building the
@@ -83,7 +90,7 @@ def _response(
     return response
 
 
-def _item_error(error: BaseException) -> common_pb2.ItemError:
+def item_error(error: BaseException) -> common_pb2.ItemError:
     if isinstance(error, ImageMeshError):
         return common_pb2.ItemError(
             code=error.code_name, reason=error.reason, message=error.message
@@ -97,9 +104,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Classify, ClassifyStream, ListModelVersions and SelectModelVersion."""
 
     domain: InferenceDomain
+    # The event loop the domain runs on (the blocking front hands stored images to it).
+    loop: asyncio.AbstractEventLoop
 
     def bind(self, domain: InferenceDomain) -> None:
-        """Attaches the domain (the servicer is created before the mount starts)."""
+        """Attaches the domain (the servicer is created before the mount starts); called on
+        the service's event loop."""
+        self.loop = asyncio.get_running_loop()
         self.domain = domain
 
     async def Classify(
@@ -107,10 +118,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.ClassifyResponse:
         """Classifies one image."""
         try:
-            result = await self.domain.classify(_input(request), timeout_s=context.time_remaining())
+            result = await self.domain.classify(
+                classify_input(request), timeout_s=context.time_remaining()
+            )
         except ImageMeshError as error:
             await abort_with(context, error)
-        return _response(result, request)
+        return response_of(result, request)
 
     async def ClassifyStream(
         self,
@@ -124,22 +137,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 FailedPrecondition(no_model_message(self.domain.manager.model), reason="NO_MODEL"),
             )
         answers: asyncio.Queue[inference_pb2.ClassifyStreamResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(_STREAM_WINDOW)
+        window = asyncio.Semaphore(STREAM_WINDOW)
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(item: inference_pb2.ClassifyStreamRequest) -> None:
             try:
                 result = await self.domain.classify(
-                    _input(item.request), timeout_s=context.time_remaining()
+                    classify_input(item.request), timeout_s=context.time_remaining()
                 )
                 reply = inference_pb2.ClassifyStreamResponse(
-                    request_id=item.request_id, response=_response(result, item.request)
+                    request_id=item.request_id, response=response_of(result, item.request)
                 )
             except Exception as error:  # one image's failure is its answer, not the stream's
                 if not isinstance(error, ImageMeshError):
                     _log.exception("classifying stream item %s failed", item.request_id)
                 reply = inference_pb2.ClassifyStreamResponse(
-                    request_id=item.request_id, error=_item_error(error)
+                    request_id=item.request_id, error=item_error(error)
                 )
             finally:
                 window.release()

@@ -115,3 +115,10 @@ async def started() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for server in servers:
         await server.stop(grace=0)
+
+
+async def start_alone(settings: Settings) -> tuple[MeshServer, str]:
+    """Starts the inference service alone on a free port; the caller stops it."""
+    server, port = build_mesh(settings, ("inference",), port=0)
+    await server.start()
+    return server, f"127.0.0.1:{port}"

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from imagemesh.errors import DeadlineExceeded, ResourceExhausted
+from imagemesh.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from inference_service.batcher import BatcherConfig, MicroBatcher, Runner, padded_sizes
 
 
@@ -276,6 +276,8 @@ async def test_images_queued_during_a_batch_wait_for_its_callers_to_come_back(ex
     first = [asyncio.ensure_future(batcher.submit(_image(i))) for i in range(4)]
     await asyncio.to_thread(runner.entered.wait, 10)
     early = asyncio.ensure_future(batcher.submit(_image(9)))  # came during the batch
+    await asyncio.sleep(0)  # its task runs: queued before the batch ends
+    assert batcher.pending == 1
     runner.release.set()
     assert {r.batch_size for r in await asyncio.gather(*first)} == {4}
     # The 4 callers come back later than the arrival gap: the early image waits for them
@@ -417,3 +419,85 @@ async def test_with_two_instances_a_batch_waits_only_for_its_share_of_the_caller
     first_batch = next(e for e in second_round if e.startswith("batch"))
     assert int(first_batch.split()[1]) <= 4
     assert sum(runner.shapes) >= 16
+
+
+class ThreadRecordingRunner(CountingRunner):
+    """A CountingRunner that records the thread each batch ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return super().__call__(batch)
+
+
+def test_a_lone_blocking_caller_computes_its_image_on_its_own_thread(executor) -> None:
+    runner = ThreadRecordingRunner()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=8), executor)
+    batcher.start()
+    results: list[float] = []
+
+    def caller() -> None:
+        for i in range(3):
+            results.append(float(batcher.submit_blocking(_image(i)).output[0]))
+
+    thread = threading.Thread(target=caller, name="lone-caller")
+    thread.start()
+    thread.join(10)
+    batcher.close_blocking()
+    assert results == [0.0, 12.0, 24.0]
+    assert runner.threads == ["lone-caller"] * 3  # no hand-over to the compute executor
+
+
+def test_blocking_callers_queued_behind_a_busy_instance_are_batched_together(executor) -> None:
+    runner = ThreadRecordingRunner()
+    runner.release.clear()
+    config = BatcherConfig(max_batch_size=8, max_queue_delay_s=0.05, instances=1)
+    batcher = MicroBatcher(runner, config, executor)
+    batcher.start()
+    sizes: dict[int, int] = {}
+
+    def caller(i: int) -> None:
+        sizes[i] = batcher.submit_blocking(_image(i)).batch_size
+
+    first = threading.Thread(target=caller, args=(0,), name="first-caller")
+    first.start()
+    assert runner.entered.wait(10)  # the lone caller computes, holding the only instance
+    others = [threading.Thread(target=caller, args=(i,)) for i in range(1, 7)]
+    for thread in others:
+        thread.start()
+    while batcher.pending < 6:
+        threading.Event().wait(0.01)
+    runner.release.set()
+    for thread in (first, *others):
+        thread.join(10)
+    batcher.close_blocking()
+    assert sizes == {0: 1, **{i: 6 for i in range(1, 7)}}
+    assert runner.threads[0] == "first-caller"
+    assert runner.threads[1] != "first-caller"  # the queued ones ran on the executor
+
+
+def test_closing_waits_for_a_lone_call_computing_on_its_callers_thread(executor) -> None:
+    runner = CountingRunner()
+    runner.release.clear()
+    batcher = MicroBatcher(runner, BatcherConfig(max_batch_size=4), executor)
+    batcher.start()
+    answers: list[float] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(float(batcher.submit_blocking(_image(2)).output[0]))
+    )
+    thread.start()
+    assert runner.entered.wait(10)
+    closer = threading.Thread(target=batcher.close_blocking)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # still computing: close waits
+    runner.release.set()
+    closer.join(10)
+    thread.join(10)
+    assert not closer.is_alive()
+    assert answers == [24.0]
+    with pytest.raises(Unavailable):
+        batcher.submit_blocking(_image(1))

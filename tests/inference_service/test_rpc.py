@@ -19,7 +19,6 @@ from PIL import Image
 from imagemesh.config import Settings
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.mesh import build_mesh
-from imagemesh.server import MeshServer
 from inference_service.model.artifact import ModelMetadata
 from inference_service.model.registry import ModelRegistry
 from storage_service.backends import open_object_store
@@ -30,7 +29,14 @@ from tests.inference_service.checks import (
     check_switch_under_load,
     pixels_of,
 )
-from tests.inference_service.fixtures import TinyModels, local_settings, png, publish, reference
+from tests.inference_service.fixtures import (
+    TinyModels,
+    local_settings,
+    png,
+    publish,
+    reference,
+    start_alone,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -51,16 +57,23 @@ class Served:
     references: dict[str, Reference]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
+# Served alone, Classify and ClassifyStream are served by the synchronous front
+# (`imagemesh.front`); in the one-process mesh, or with the front off, by grpc.aio. Every test
+# here runs on both: the contract is the same.
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["blocking front", "grpc.aio"])
 async def served(
-    tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tiny_models: TinyModels,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Served]:
     settings = local_settings(tmp_path_factory.mktemp("inference"))
     settings.inference.max_image_pixels = 1_000_000
+    settings.server.blocking_front = request.param == "blocking front"
     registry = ModelRegistry(open_object_store(settings.storage))
     v1 = publish(registry, tiny_models.first, version=V1)
     v2 = publish(registry, tiny_models.second, version=V2)
     server, port = build_mesh(settings, ("inference",), port=0)
+    assert (server.front is not None) == settings.server.blocking_front
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -363,17 +376,11 @@ async def test_a_published_but_unloaded_version_must_be_selected_first(
     store.delete(v3.prefix + "model.keras")
 
 
-async def _start(settings: Settings) -> tuple[MeshServer, str]:
-    server, port = build_mesh(settings, ("inference",), port=0)
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 async def test_without_a_model_classify_says_how_to_publish_one(
     tmp_path: Path, tiny_models: TinyModels
 ) -> None:
     settings = local_settings(tmp_path)
-    server, address = await _start(settings)
+    server, address = await start_alone(settings)
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -409,7 +416,7 @@ async def test_a_full_queue_answers_resource_exhausted_with_retry_info(
     settings = local_settings(tmp_path)
     settings.inference.queue_capacity = 2
     publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
-    server, address = await _start(settings)
+    server, address = await start_alone(settings)
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)

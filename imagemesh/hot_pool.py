@@ -10,6 +10,11 @@ call in every run, and 0.04-0.2 ms less latency (as much as this shared machine'
 runs), with the lone caller's batches always on the same thread. Under load nothing changes:
 every thread is busy, and a thread that finishes takes the oldest waiting work before it goes
 idle.
+
+The synchronous front (`imagemesh.front`) runs its handlers on one too: there a lone Classify
+runs the model on its handler's thread, and with ThreadPoolExecutor's rotation every call
+landed on a thread that had slept through the last ones (the front keeps up to
+`front_threads` of them).
 """
 
 from __future__ import annotations

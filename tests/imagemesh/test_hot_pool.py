@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from inference_service.hot_pool import HotThreadPool
+from imagemesh.hot_pool import HotThreadPool
 
 
 def _busy_threads(pool: HotThreadPool, count: int) -> tuple[list[int], threading.Event]:

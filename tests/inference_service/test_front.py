@@ -1,0 +1,257 @@
+"""The InferenceService served alone, through the synchronous front (`imagemesh.front`): what
+the front serves itself and what it forwards to the grpc.aio server behind it must look to a
+client exactly as one server would."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from imagemesh.auth import bearer_metadata
+from imagemesh.config import Settings
+from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from imagemesh.interceptors import REQUEST_ID_KEY
+from imagemesh.mesh import build_mesh
+from imagemesh.server import MeshServer
+from inference_service.model.registry import ModelRegistry
+from storage_service.backends import open_object_store
+from tests.inference_service.fixtures import (
+    TinyModels,
+    local_settings,
+    png,
+    publish,
+    start_alone,
+)
+from tests.inference_service.test_stored_images import _document, _upload
+
+SERVICE = "imagemesh.inference.v1.InferenceService"
+
+
+async def _serve_alone(settings: Settings) -> tuple[MeshServer, str]:
+    server, address = await start_alone(settings)
+    assert server.front is not None, "served alone, the inference service has a front"
+    return server, address
+
+
+async def test_the_front_and_grpc_aio_give_the_same_answers_with_a_request_id(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    front, front_address = await _serve_alone(settings)
+    settings.server.blocking_front = False
+    plain, port = build_mesh(settings, ("inference",), port=0)
+    assert plain.front is None
+    await plain.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(front_address) as to_front,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as to_plain,
+        ):
+            request = inference_pb2.ClassifyRequest(content=png(5), include_probabilities=True)
+            call = inference_pb2_grpc.InferenceServiceStub(to_front).Classify(
+                request, metadata=((REQUEST_ID_KEY, "front-1"),)
+            )
+            through_front = await call
+            assert (REQUEST_ID_KEY, "front-1") in tuple(await call.trailing_metadata())
+            direct = await inference_pb2_grpc.InferenceServiceStub(to_plain).Classify(request)
+            assert through_front.model_version == direct.model_version
+            np.testing.assert_allclose(through_front.probabilities, direct.probabilities, atol=1e-6)
+            assert [c.class_name for c in through_front.top_classes] == [
+                c.class_name for c in direct.top_classes
+            ]
+    finally:
+        await front.stop(grace=0)
+        await plain.stop(grace=0)
+
+
+async def test_forwarded_calls_keep_their_status_details_and_trailers(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    version = publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    server, address = await _serve_alone(settings)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            listing = await stub.ListModelVersions(inference_pb2.ListModelVersionsRequest())
+            assert [v.name for v in listing.model_versions] == [version.name]
+            assert listing.model_versions[0].serving
+
+            unknown = version.name[:-6] + "ffffff"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SelectModelVersion(
+                    inference_pb2.SelectModelVersionRequest(name=unknown),
+                    metadata=((REQUEST_ID_KEY, "forwarded-1"),),
+                )
+            error = info.value
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            assert unknown in (error.details() or "")
+            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+            assert status is not None
+            assert status.details  # the rich details came through
+            assert (REQUEST_ID_KEY, "forwarded-1") in tuple(error.trailing_metadata() or ())
+
+            # Health (unary and streamed) and reflection are forwarded too.
+            health = health_pb2_grpc.HealthStub(channel)
+            checked = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = {s.name async for r in replies for s in r.list_services_response.service}
+            assert SERVICE in names
+
+            # A method nobody serves is UNIMPLEMENTED, as from one server.
+            nothing = channel.unary_unary(f"/{SERVICE}/NoSuchMethod")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await nothing(b"")
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_the_front_checks_the_token_and_leaves_health_open(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    settings.auth_token = "front-secret"
+    publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    server, address = await _serve_alone(settings)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            request = inference_pb2.ClassifyRequest(content=png(1))
+            for call in (
+                stub.Classify(request),
+                stub.Classify(request, metadata=bearer_metadata("wrong")),
+                stub.ListModelVersions(inference_pb2.ListModelVersionsRequest()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _read_all(stub.ClassifyStream(iter([])))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            token = bearer_metadata("front-secret")
+            assert (await stub.Classify(request, metadata=token)).top_classes
+            listing = await stub.ListModelVersions(
+                inference_pb2.ListModelVersionsRequest(), metadata=token
+            )
+            assert listing.model_versions
+            checked = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest()
+            )
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(grace=0)
+
+
+async def _read_all(call: object) -> list[object]:
+    return [r async for r in call]  # type: ignore[attr-defined]
+
+
+async def test_stored_images_through_the_front_unary_and_streamed(
+    tmp_path: Path, started, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    version = publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    mesh_address = await started(settings, ("storage", "search"))
+    settings.storage_address = mesh_address
+    settings.search_address = mesh_address
+    server, address = await _serve_alone(settings)
+    try:
+        async with (
+            grpc.aio.insecure_channel(mesh_address) as mesh,
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            content = png(77)
+            name = await _upload(mesh, content)
+            await _document(mesh, name)
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            by_bytes = await stub.Classify(
+                inference_pb2.ClassifyRequest(content=content, include_probabilities=True)
+            )
+            stored = await stub.Classify(
+                inference_pb2.ClassifyRequest(
+                    image_name=name, include_probabilities=True, persist=True
+                )
+            )
+            assert stored.model_version == version.name
+            np.testing.assert_allclose(stored.probabilities, by_bytes.probabilities, atol=1e-6)
+            assert stored.probabilities_array.endswith(name.removeprefix("images/") + ".npy")
+
+            missing = "images/" + "0" * 64
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Classify(inference_pb2.ClassifyRequest(image_name=missing))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+            items = [
+                ("stored", inference_pb2.ClassifyRequest(image_name=name)),
+                ("sent", inference_pb2.ClassifyRequest(content=content)),
+                ("missing", inference_pb2.ClassifyRequest(image_name=missing)),
+                ("empty", inference_pb2.ClassifyRequest(content=b"")),
+            ]
+            replies = await _read_all(
+                stub.ClassifyStream(
+                    iter(
+                        inference_pb2.ClassifyStreamRequest(request_id=rid, request=request)
+                        for rid, request in items
+                    )
+                )
+            )
+            by_id = {r.request_id: r for r in replies}  # type: ignore[attr-defined]
+            assert sorted(by_id) == sorted(rid for rid, _ in items)
+            for rid in ("stored", "sent"):
+                assert by_id[rid].response.top_classes[0].class_name == (
+                    by_bytes.top_classes[0].class_name
+                )
+            assert by_id["missing"].error.code == "NOT_FOUND"
+            assert by_id["empty"].error.code == "INVALID_ARGUMENT"
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_stream_cancelled_midway_leaves_the_service_serving(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    server, address = await _serve_alone(settings)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.ClassifyStream()
+            for i in range(40):
+                await call.write(
+                    inference_pb2.ClassifyStreamRequest(
+                        request_id=str(i), request=inference_pb2.ClassifyRequest(content=png(i))
+                    )
+                )
+            await call.read()
+            call.cancel()
+            # The reader thread and the queued images go away; the service goes on.
+            replies = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        stub.Classify(inference_pb2.ClassifyRequest(content=png(i)))
+                        for i in range(8)
+                    )
+                ),
+                timeout=60,
+            )
+            assert all(r.top_classes for r in replies)
+    finally:
+        await server.stop(grace=0)
