@@ -29,7 +29,7 @@ import grpc
 
 from imagemesh.hot_pool import HotThreadPool
 
-__all__ = ["BlockingFront", "MethodShape", "method_shapes"]
+__all__ = ["BlockingFront", "MethodShape", "method_shapes", "time_remaining"]
 
 _log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def _forwarded_metadata(context: grpc.ServicerContext) -> tuple[tuple[str, Any],
     )
 
 
-def _timeout(context: grpc.ServicerContext) -> float | None:
+def time_remaining(context: grpc.ServicerContext) -> float | None:
+    """What is left of a synchronous server's call's deadline, None if it has none."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > _NO_DEADLINE_S else max(0.0, remaining)
 
@@ -103,7 +104,7 @@ class _Forwarder:
         def forward(request: Any, context: grpc.ServicerContext) -> bytes:
             try:
                 response, call = upstream.with_call(
-                    request, timeout=_timeout(context), metadata=_forwarded_metadata(context)
+                    request, timeout=time_remaining(context), metadata=_forwarded_metadata(context)
                 )
             except grpc.RpcError as error:
                 _relay_error(context, error)
@@ -120,7 +121,7 @@ class _Forwarder:
     def _streamed(upstream: Any) -> Callable[[Any, grpc.ServicerContext], Iterator[bytes]]:
         def forward(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
             call = upstream(
-                request, timeout=_timeout(context), metadata=_forwarded_metadata(context)
+                request, timeout=time_remaining(context), metadata=_forwarded_metadata(context)
             )
             # The caller went away (or the front is stopping): so does the upstream call.
             context.add_callback(call.cancel)

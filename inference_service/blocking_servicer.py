@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from imagemesh.errors import FailedPrecondition, ImageMeshError, Unavailable
+from imagemesh.front import time_remaining
 from imagemesh.inference.v1 import inference_pb2
 from imagemesh.interceptors import in_this_request
 from imagemesh.status import abort_blocking
@@ -33,15 +34,8 @@ __all__ = ["BlockingInference"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# A deadline further than this is no deadline (the synchronous server reports ~forever).
-_NO_DEADLINE_S = 10 * 365 * 24 * 3600.0
 # How often a stream's reader, waiting for room in its window, looks whether the call ended.
 _READER_POLL_S = 0.1
-
-
-def _timeout(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > _NO_DEADLINE_S else max(0.0, remaining)
 
 
 @dataclass(frozen=True)
@@ -102,7 +96,7 @@ class BlockingInference:
         """Classifies one image."""
         domain = self._domain(context)
         wanted = classify_input(request)
-        timeout_s = _timeout(context)
+        timeout_s = time_remaining(context)
         try:
             if wanted.image_name is None:
                 result = domain.classify_blocking(wanted, timeout_s=timeout_s)
@@ -193,7 +187,7 @@ class BlockingInference:
     ) -> None:
         """Starts one stream item; its answer is queued when it is done."""
         wanted = classify_input(item.request)
-        timeout_s = _timeout(context)
+        timeout_s = time_remaining(context)
         try:
             if wanted.image_name is None:
                 pending = domain.queue_blocking(wanted, timeout_s=timeout_s)

@@ -1,7 +1,8 @@
 """The InferenceService gRPC servicer: proto in, domain call, proto out, errors mapped.
 
-Batch-job RPCs (BatchClassify, Get/List/Cancel/WatchBatchJob) are not served here yet; the
-mount answers them UNIMPLEMENTED.
+Batch-job RPCs (BatchClassify, Get/List/Cancel/WatchBatchJob) are served by `batch.servicer`
+(the mount combines both). On the synchronous front, Classify and ClassifyStream are served by
+`blocking_servicer` instead, with the helpers here.
 """
 
 from __future__ import annotations
