@@ -196,6 +196,9 @@ class MicroBatcher:
         # then goes on without another thread taking the GIL from it).
         self._busy = 0
         self._awaiting_end = False
+        # Batches whose callers are not all answered yet (a batch frees its instance before it
+        # answers): `close` returns only once this is 0.
+        self._answering = 0
         self._in_flight = 0
         # The concurrency seen at the last batches' ends (one per instance): with several
         # instances, callers answered by one are on their way back, unseen, when another ends.
@@ -263,6 +266,7 @@ class MicroBatcher:
                 item.future.set_running_or_notify_cancel()
                 self._last_arrival = now
                 self._busy += 1
+                self._answering += 1
                 self._in_flight += 1
         if lone:
             self._compute_then_answer([item], item.enqueued)
@@ -325,7 +329,7 @@ class MicroBatcher:
             thread.join()
         with self._lock:
             self._thread = None
-            while self._busy:  # lone calls computing on their callers' threads
+            while self._answering:  # lone calls computing on their callers' threads
                 self._awaiting_end = True
                 self._changed.wait()
 
@@ -347,7 +351,7 @@ class MicroBatcher:
                 self._fill()
                 self._launch(self._take())
             # Closing: the batches being computed still answer their callers.
-            while self._busy:
+            while self._answering:
                 self._awaiting_end = True
                 self._changed.wait()
 
@@ -357,11 +361,13 @@ class MicroBatcher:
             return
         self._in_flight += len(batch)
         self._busy += 1
+        self._answering += 1
         started = time.monotonic()
         try:
             self._executor.submit(self._compute_then_answer, batch, started)
         except RuntimeError as exc:  # the executor was shut down
             self._busy -= 1
+            self._answering -= 1
             self._in_flight -= len(batch)
             for item in batch:
                 item.future.set_exception(exc)
@@ -467,14 +473,22 @@ class MicroBatcher:
             if self._awaiting_end:
                 self._awaiting_end = False
                 self._changed.notify_all()
-        if isinstance(outcome, BaseException):
-            _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
-            for item in batch:
-                item.future.set_exception(outcome)
-            return
-        self._answer(batch, outcome, started)
-        # After the answers: the callers' threads wake first.
-        self._observe(batch, outcome, started)
+        try:
+            if isinstance(outcome, BaseException):
+                _log.error("batch of %d failed on %s", len(batch), self._label, exc_info=outcome)
+                for item in batch:
+                    item.future.set_exception(outcome)
+            else:
+                self._answer(batch, outcome, started)
+        finally:
+            with self._lock:
+                self._answering -= 1
+                if self._awaiting_end:
+                    self._awaiting_end = False
+                    self._changed.notify_all()
+        if isinstance(outcome, _Computed):
+            # After the answers: the callers' threads wake first.
+            self._observe(batch, outcome, started)
 
     def _record(self, computed: _Computed) -> None:
         """Under the lock: what a finished batch tells about the load."""
