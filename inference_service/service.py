@@ -28,7 +28,7 @@ from imagemesh.page_tokens import PageTokenCodec
 from .batcher import BatchResult, Preprocess
 from .decode import ImageLimits, decode_image
 from .model.artifact import ModelMetadata
-from .serving import ModelManager
+from .serving import ModelManager, ServedModel
 
 __all__ = [
     "ClassScore",
@@ -284,34 +284,40 @@ class InferenceDomain:
         `MicroBatcher.submit_blocking`).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        content = _sent_content(request)
-        served = self.manager.acquire_blocking(request.model_version)
+        served, k, image = self._acquire_sent(request)
         try:
-            metadata = served.metadata
-            k = _top_k(request, metadata)
-            image = self._decode_blocking(content, metadata)
             result = served.batcher.submit_blocking(image, deadline=deadline)
         finally:
             self.manager.release(served)
-        return _classification(metadata, result, k)
+        return _classification(served.metadata, result, k)
 
     def queue_blocking(self, request: ClassifyInput, *, timeout_s: float | None) -> Pending:
         """Queues an image sent in the request without waiting for it, from a thread other
         than the event loop's (a stream's reader); `finish` turns it into its classification
         (on the thread that answers, not on the compute thread that computed it)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        content = _sent_content(request)
-        served = self.manager.acquire_blocking(request.model_version)
+        served, k, image = self._acquire_sent(request)
         try:
-            metadata = served.metadata
-            k = _top_k(request, metadata)
-            image = self._decode_blocking(content, metadata)
             future = served.batcher.submit_future(image, deadline=deadline)
         except BaseException:
             self.manager.release(served)
             raise
         future.add_done_callback(lambda _: self.manager.release(served))
-        return Pending(future, metadata, k)
+        return Pending(future, served.metadata, k)
+
+    def _acquire_sent(
+        self, request: ClassifyInput
+    ) -> tuple[ServedModel, int, np.ndarray | Preprocess]:
+        """For the blocking paths: the checked request's version (acquired: the caller
+        releases it), its top-k, and its image (or the step that decodes it)."""
+        content = _sent_content(request)
+        served = self.manager.acquire_blocking(request.model_version)
+        try:
+            metadata = served.metadata
+            return served, _top_k(request, metadata), self._decode_blocking(content, metadata)
+        except BaseException:
+            self.manager.release(served)
+            raise
 
     @staticmethod
     def finish(pending: Pending) -> Classification:
