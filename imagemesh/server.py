@@ -36,6 +36,7 @@ from imagemesh.channels import channel_options
 from imagemesh.config import Settings
 from imagemesh.front import BlockingFront, method_shapes
 from imagemesh.interceptors import ObservabilityInterceptor, observed_blocking
+from imagemesh.reflection_pool import MethodAwarePool
 
 __all__ = ["MeshServer", "ServiceMount", "create_server", "serve_forever"]
 
@@ -212,7 +213,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
     for mount in mounts:
         mount.register(server)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, server, pool=MethodAwarePool())
     chosen = settings.server.port if port is None else port
     address = f"{settings.server.host}:{chosen if chosen is not None else 0}"
     credentials = _server_credentials(settings)

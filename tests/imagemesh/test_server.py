@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
@@ -20,6 +22,7 @@ from imagemesh.interceptors import (
 )
 from imagemesh.server import MeshServer, ServiceMount, create_server
 from imagemesh.storage.v1 import storage_pb2, storage_pb2_grpc
+from tests.fixtures.engines import REPO_ROOT
 from tests.fixtures.served_search import eventually
 
 SERVICES = [
@@ -60,6 +63,63 @@ async def test_reflection_serves_the_contract_files(channel: grpc.aio.Channel) -
     replies = [r async for r in stub.ServerReflectionInfo(iter([request]))]
     protos = replies[0].file_descriptor_response.file_descriptor_proto
     assert protos, "reflection returned no file for the inference service"
+
+
+async def _reflect_symbol(
+    channel: grpc.aio.Channel, symbol: str
+) -> reflection_pb2.ServerReflectionResponse:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    replies = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    return replies[0]
+
+
+async def test_reflection_resolves_a_method_s_full_name(channel: grpc.aio.Channel) -> None:
+    # What ghz and `grpcurl describe Service.Method` ask for (grpcio-reflection alone: NOT_FOUND).
+    reply = await _reflect_symbol(channel, "imagemesh.inference.v1.InferenceService.Classify")
+    assert reply.WhichOneof("message_response") == "file_descriptor_response"
+    files = {
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    }
+    assert "imagemesh/inference/v1/inference.proto" in files
+    reply = await _reflect_symbol(channel, "imagemesh.inference.v1.InferenceService.NoSuchMethod")
+    assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_ghz_load_tests_a_service_through_reflection_alone(
+    mesh: tuple[MeshServer, str],
+) -> None:
+    # The real ghz, given no .proto file: it learns the method's types by reflection.
+    tool = await asyncio.create_subprocess_exec(
+        "bash",
+        str(REPO_ROOT / "deploy" / "local" / "tools.sh"),
+        "path",
+        "ghz",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    ghz = (await tool.communicate())[0].decode().strip()
+    run = await asyncio.create_subprocess_exec(
+        ghz,
+        "--insecure",
+        "--call",
+        "imagemesh.inference.v1.InferenceService.ListModelVersions",
+        "--data",
+        '{"page_size": 5}',
+        "-n",
+        "6",
+        "-c",
+        "2",
+        "--format",
+        "json",
+        mesh[1],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(run.communicate(), timeout=120)
+    assert run.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["statusCodeDistribution"] == {"OK": 6}
 
 
 class _SlowStorage(storage_pb2_grpc.StorageServiceServicer):
