@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -213,7 +213,9 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(mesh.health, server)
     for mount in mounts:
         mount.register(server)
-    reflection.enable_server_reflection(names, server, pool=MethodAwarePool())
+    # Reflection only calls the pool's lookups, which MethodAwarePool has (typed as a pool).
+    pool = cast(descriptor_pool.DescriptorPool, MethodAwarePool())
+    reflection.enable_server_reflection(names, server, pool=pool)
     chosen = settings.server.port if port is None else port
     address = f"{settings.server.host}:{chosen if chosen is not None else 0}"
     credentials = _server_credentials(settings)
