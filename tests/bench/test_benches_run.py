@@ -72,6 +72,8 @@ def test_inference_bench() -> None:
             "ratio_concurrent_unary",
             "ratio_concurrent_stream",
             "rss_growth_pct",
+            "p50_overhead_python_client_ms",
+            "p99_overhead_python_client_ms",
         ),
     )
     assert figures["rss_calls"] == [1_000, 4_000]
