@@ -107,7 +107,9 @@ class ServerSettings(_Section):
     # 0.5-0.8 ms less per lone Classify here). Off: grpc.aio serves everything.
     blocking_front: bool = True
     # The front's handler threads: each call it serves natively or forwards holds one (a
-    # stream for its whole life); more calls than threads wait for one.
+    # stream for its whole life). An eighth of them (at least two) are kept for calls that do
+    # not stream, health checks among them: a stream beyond the rest is refused with
+    # RESOURCE_EXHAUSTED. More short calls than threads wait for one.
     front_threads: int = Field(default=128, ge=4, le=4096)
     # TLS: a certificate chain and key (PEM) make the port TLS-only; a client CA on top makes
     # it mutual TLS (clients must present a certificate that CA signed). The same files are

@@ -16,20 +16,28 @@ in a private folder. Forwarded calls keep their metadata, deadline, status, deta
 trailers (the rich error details ride in trailers); the grpc.aio server's interceptors see
 them as they would without the front. The front authenticates every call itself (health stays
 open) and observes the calls it serves natively (request id, metrics, access log).
+
+Each call the front serves holds one of its handler threads, a stream for its whole life. So
+that open streams cannot take them all, and leave health checks and short calls waiting, a
+stream is admitted only while `StreamGate` has a slot: a few threads stay for the short calls,
+and a stream beyond the limit gets RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
 
+from imagemesh.errors import ResourceExhausted
 from imagemesh.hot_pool import HotThreadPool
+from imagemesh.status import abort_blocking
 
-__all__ = ["BlockingFront", "MethodShape", "method_shapes", "time_remaining"]
+__all__ = ["BlockingFront", "MethodShape", "StreamGate", "method_shapes", "time_remaining"]
 
 _log = logging.getLogger(__name__)
 
@@ -135,6 +143,73 @@ class _Forwarder:
         return forward
 
 
+class StreamGate:
+    """Admits at most `limit` streaming calls at a time (either direction streams): one more
+    is refused with RESOURCE_EXHAUSTED, never left waiting for a thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._refused = 0  # counted under the GIL: only for the log
+
+    @staticmethod
+    def for_threads(threads: int) -> StreamGate:
+        """The gate for a front of `threads` handler threads: an eighth of them (at least
+        two) kept for calls that do not stream."""
+        return StreamGate(threads - max(2, threads // 8))
+
+    def _enter(self, context: grpc.ServicerContext) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refused += 1
+            if self._refused & (self._refused - 1) == 0:  # 1, 2, 4, 8...: never a flood
+                _log.warning(
+                    "refused a stream: %d open, the most (%d refused so far)",
+                    self.limit,
+                    self._refused,
+                )
+            abort_blocking(
+                context,
+                ResourceExhausted(
+                    f"this server already serves {self.limit} streams, its most; retry when "
+                    "one ends, or raise IMAGEMESH_SERVER__FRONT_THREADS (its threads, of which "
+                    "an eighth stay for calls that do not stream)",
+                    reason="TOO_MANY_STREAMS",
+                    retry_after_s=1.0,
+                ),
+            )
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], shape: MethodShape
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler`, gated if it streams; as it is if not."""
+        client_streams, server_streams = shape
+        if server_streams:
+            field = "stream_stream" if client_streams else "unary_stream"
+            streamed = getattr(handler, field)
+
+            def gated_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                self._enter(context)
+                try:
+                    yield from streamed(request, context)
+                finally:  # also when the caller leaves (the generator is closed)
+                    self._slots.release()
+
+            return handler._replace(**{field: gated_stream})  # type: ignore[attr-defined,no-any-return]
+        if client_streams:
+            unary = handler.stream_unary
+            assert unary is not None  # the shape says so
+
+            def gated_unary(requests: Any, context: grpc.ServicerContext) -> Any:
+                self._enter(context)
+                try:
+                    return unary(requests, context)
+                finally:
+                    self._slots.release()
+
+            return handler._replace(stream_unary=gated_unary)  # type: ignore[attr-defined,no-any-return]
+        return handler
+
+
 class _Router(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Native handlers first; any other known method is forwarded; unknown ones are
     UNIMPLEMENTED (as the upstream would say)."""
@@ -144,11 +219,12 @@ class _Router(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         native: Mapping[str, grpc.RpcMethodHandler[Any, Any]],
         shapes: Mapping[str, MethodShape],
         forwarder: _Forwarder,
+        gate: StreamGate,
     ) -> None:
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = dict(native)
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method, shape in shapes.items():
-            if method not in self._handlers:
-                self._handlers[method] = forwarder.handler(method, shape)
+            handler = native.get(method) or forwarder.handler(method, shape)
+            self._handlers[method] = gate.wrap(handler, shape)
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -172,10 +248,11 @@ class BlockingFront:
     ) -> None:
         # Forwarded calls carry any size the front accepted, so the channel takes as much.
         self._channel = grpc.insecure_channel(upstream, options=options)
+        self.streams = StreamGate.for_threads(threads)
         self._server = grpc.server(
             # Idle handler threads are reused last-in first-out (see `hot_pool`).
             HotThreadPool(threads, thread_name_prefix="imagemesh-front"),  # type: ignore[arg-type]
-            handlers=[_Router(native, shapes, _Forwarder(self._channel))],
+            handlers=[_Router(native, shapes, _Forwarder(self._channel), self.streams)],
             interceptors=interceptors,
             options=options,
         )

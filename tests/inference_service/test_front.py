@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,6 +17,7 @@ from grpc_status import rpc_status
 
 from imagemesh.auth import bearer_metadata
 from imagemesh.config import Settings
+from imagemesh.front import StreamGate
 from imagemesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from imagemesh.interceptors import REQUEST_ID_KEY
 from imagemesh.mesh import build_mesh
@@ -253,5 +255,58 @@ async def test_a_stream_cancelled_midway_leaves_the_service_serving(
                 timeout=60,
             )
             assert all(r.top_classes for r in replies)
+    finally:
+        await server.stop(grace=0)
+
+
+def test_an_eighth_of_the_front_s_threads_stay_for_calls_that_do_not_stream() -> None:
+    assert StreamGate.for_threads(128).limit == 112
+    assert StreamGate.for_threads(8).limit == 6
+    assert StreamGate.for_threads(4).limit == 2  # never fewer than two kept
+
+
+async def _open_stream(stub: inference_pb2_grpc.InferenceServiceStub, rid: str) -> Any:
+    """A ClassifyStream with one answer read: open, holding a handler thread."""
+    call = stub.ClassifyStream()
+    await call.write(
+        inference_pb2.ClassifyStreamRequest(
+            request_id=rid, request=inference_pb2.ClassifyRequest(content=png(1))
+        )
+    )
+    answer = await call.read()
+    assert answer.request_id == rid
+    return call
+
+
+async def test_streams_beyond_the_front_s_limit_are_refused_and_health_still_answers(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    settings = local_settings(tmp_path)
+    settings.server.front_threads = 8  # room for 6 streams
+    publish(ModelRegistry(open_object_store(settings.storage)), tiny_models.first)
+    server, address = await _serve_alone(settings)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            streams = [await _open_stream(stub, f"s{i}") for i in range(6)]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _open_stream(stub, "one too many")
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "6 streams" in (refused.value.details() or "")
+            assert "FRONT_THREADS" in (refused.value.details() or "")
+            # The threads kept aside answer health checks and unary calls at once.
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            reply = await stub.Classify(inference_pb2.ClassifyRequest(content=png(2)), timeout=30)
+            assert reply.top_classes
+            # A stream that ends gives its place back.
+            await streams[0].done_writing()
+            assert await streams[0].read() == grpc.aio.EOF
+            streams[1].cancel()
+            streams[2:] += [await _open_stream(stub, "after"), await _open_stream(stub, "again")]
+            for call in streams[2:]:
+                call.cancel()
     finally:
         await server.stop(grace=0)
