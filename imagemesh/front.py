@@ -221,6 +221,9 @@ class _Router(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         forwarder: _Forwarder,
         gate: StreamGate,
     ) -> None:
+        unknown = sorted(set(native) - set(shapes))
+        if unknown:  # a programming error: the served services' methods are all in `shapes`
+            raise ValueError(f"native handlers for methods of no served service: {unknown}")
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method, shape in shapes.items():
             handler = native.get(method) or forwarder.handler(method, shape)
