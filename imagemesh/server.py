@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -160,6 +161,21 @@ class _Front:
     folder: tempfile.TemporaryDirectory[str]
 
 
+# A Unix socket's path holds at most 107 bytes (sun_path). The folder's name is the prefix
+# and 8 random characters; the socket in it is "upstream.sock".
+_SOCKET_PATH_MAX = 107
+_SOCKET_IN_FOLDER = "/imagemesh-front-12345678/upstream.sock"
+
+
+def _socket_folder() -> tempfile.TemporaryDirectory[str]:
+    """A private folder (mode 0700) for the front's upstream socket: in the temporary folder
+    ($TMPDIR), or in /tmp when $TMPDIR is too deep for a socket's path."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base + _SOCKET_IN_FOLDER)) > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return tempfile.TemporaryDirectory(prefix="imagemesh-front-", dir=base)
+
+
 def _blocking_front(
     settings: Settings, mounts: Sequence[ServiceMount], served_names: Sequence[str]
 ) -> _Front | None:
@@ -176,7 +192,7 @@ def _blocking_front(
     }
     pool = descriptor_pool.Default()
     shapes = method_shapes(pool.FindServiceByName(name) for name in served_names)
-    folder = tempfile.TemporaryDirectory(prefix="imagemesh-front-")
+    folder = _socket_folder()
     interceptors: list[grpc.ServerInterceptor] = []  # type: ignore[type-arg]
     if settings.auth_token:
         interceptors.append(BlockingTokenAuthInterceptor(settings.auth_token))

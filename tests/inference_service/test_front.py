@@ -5,6 +5,7 @@ client exactly as one server would."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -287,3 +288,27 @@ async def test_streams_beyond_the_front_s_limit_are_refused_and_health_still_ans
         streams[2:] += [await _open_stream(stub, "after"), await _open_stream(stub, "again")]
         for call in streams[2:]:
             call.cancel()
+
+
+async def test_a_temporary_folder_too_deep_for_a_socket_path_still_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grpc.aio server behind the front listens on a Unix socket in a temporary folder; a
+    # socket's path holds at most 107 bytes.
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    server, address = await start_alone(local_settings(tmp_path))
+    try:
+        assert server.front is not None
+        socket = Path(server.front.folder.name) / "upstream.sock"
+        assert len(str(socket)) <= 107
+        async with grpc.aio.insecure_channel(address) as channel:
+            # Forwarded: it reaches the grpc.aio server through that socket.
+            listing = await inference_pb2_grpc.InferenceServiceStub(channel).ListModelVersions(
+                inference_pb2.ListModelVersionsRequest(), timeout=30
+            )
+            assert list(listing.model_versions) == []
+    finally:
+        await server.stop(grace=0)
+    assert not socket.parent.exists()  # the private folder goes with the server
